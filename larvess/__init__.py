@@ -1,0 +1,1 @@
+"""larvess: large-vocabulary semantic segmentation (ESS + LarvSeg)."""
