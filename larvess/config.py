@@ -71,8 +71,7 @@ class SourceConfig:
     cls_weight: float = 0.1  # image sources: LarvSeg image-level CE
     ca_weight: float = 0.1  # image sources: CA-Classifier
     bg_threshold: float = 0.2  # CA background threshold (0.35 for ImageNet)
-    names: str | None = None  # names file (ADE-847 table, ImageNet lemmas)
-    synsets: str | None = None  # ImageNet synset list (else the one in the shards' info.json)
+    names: str | None = None  # names file (ADE-847 table; ImageNet lemmas, default timm's)
     from_json: bool = False  # COCO-Stuff: read the stuff/instances JSONs instead of the PNGs
 
     @property
@@ -118,6 +117,7 @@ class TrainConfig:
     keep_ckpts: int = 3
     max_bad_steps: int = 20  # consecutive NaN/inf losses before aborting
     resume: str = "auto"  # auto | never | a checkpoint folder
+    stop_after: int = 0  # >0: checkpoint and exit after this many steps (time-limited jobs)
 
 
 @dataclass
@@ -265,6 +265,7 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     _check(t.log_every >= 1, src, "train.log_every", t.log_every, "must be >= 1")
     _check(t.ckpt_every >= 1, src, "train.ckpt_every", t.ckpt_every, "must be >= 1")
     _check(t.keep_ckpts >= 1, src, "train.keep_ckpts", t.keep_ckpts, "must be >= 1")
+    _check(t.stop_after >= 0, src, "train.stop_after", t.stop_after, "must be >= 0 (0 = off)")
     _check(t.max_bad_steps >= 1, src, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
     for i, es in enumerate(e.sets):
         _check(es.dataset in EVAL_DATASETS, src, f"eval.sets.{i}.dataset", es.dataset, "ade150/847")

@@ -1,0 +1,109 @@
+"""The whole pipeline on a CPU, through the same scripts as real training (what `make demo` runs).
+
+    python scripts/demo.py                 # ~10 minutes on 2 cores
+    python scripts/demo.py --quick         # a tiny world and a few steps (CI's smoke run)
+
+1. writes the toy world (python -m larvess.data.toy)
+2. shards its ImageNet-format part (scripts/shard_imagenet21k.py)
+3. trains recipes/toy.yaml (accelerate launch scripts/train.py)
+4. evaluates on the toy ADE-format validation set (scripts/eval_ade.py)
+and prints all / base / novel mIoU with where the overlays and logs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_WORLD = ["--coco", "48", "--imagenet-per-class", "4", "--ade-train", "48", "--ade-val", "8"]
+
+
+def run(cmd: list[str], what: str) -> float:
+    print(f"\n== {what}\n$ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.time() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--world", type=Path, default=Path("toy_world"), help="toy world folder")
+    ap.add_argument("--runs", default="runs", help="runs folder")
+    ap.add_argument("--name", default="toy", help="run name")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None, help="override schedule.steps")
+    ap.add_argument("--quick", action="store_true", help="tiny world, 6 steps: a smoke run")
+    ap.add_argument("overrides", nargs="*", help="extra key.sub=value recipe overrides")
+    args = ap.parse_args(argv)
+    py = sys.executable
+    world = args.world if args.world.is_absolute() else ROOT / args.world
+    steps = args.steps if args.steps is not None else (6 if args.quick else None)
+    times = {}
+
+    if not (world / "toy_world.json").is_file():
+        cmd = [py, "-m", "larvess.data.toy", "--out", str(world), "--seed", str(args.seed)]
+        times["world"] = run(cmd + (QUICK_WORLD if args.quick else []), "toy world")
+    shards = world / "shards"
+    times["shard"] = run(
+        [py, "scripts/shard_imagenet21k.py", "--root", str(world / "imagenet"), "--out",
+         str(shards), "--synsets", str(world / "imagenet_synsets.txt"), "--shard-size", "200",
+         "--workers", "2", "--seed", str(args.seed)],
+        "shard the ImageNet-format part",
+    )  # fmt: skip
+
+    overrides = [
+        f"name={args.name}",
+        f"runs_dir={args.runs}",
+        f"train.seed={args.seed}",
+        f"data.coco.root={world / 'coco_stuff'}",
+        f"data.imagenet.root={shards}",
+        f"data.imagenet.names={world / 'imagenet_lemmas.txt'}",
+        f"data.wa.root={world / 'ade'}",
+        "train.resume=never",
+    ]
+    if steps is not None:
+        overrides += [f"schedule.steps={steps}", f"schedule.warmup_steps={min(50, steps - 1)}"]
+        overrides += [f"train.ckpt_every={steps}"]
+    if args.quick:
+        overrides += [
+            "data.coco.batch_size=4",
+            "data.imagenet.batch_size=2",
+            "data.wa.batch_size=2",
+        ]
+    overrides += args.overrides
+    env_launch = [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    times["train"] = run(env_launch + ["scripts/train.py", "recipes/toy.yaml", *overrides], "train")
+
+    run_dir = Path(args.runs) if Path(args.runs).is_absolute() else ROOT / args.runs
+    run_dir = run_dir / args.name
+    out = run_dir / "eval_ade150"
+    times["eval"] = run(
+        [py, "scripts/eval_ade.py", "--checkpoint", str(run_dir), "--dataset", "ade150",
+         "--root", str(world / "ade"), "--window", "128", "--stride", "128",
+         "--short-side", "128", "--save-vis", "8", "--out", str(out)],
+        "evaluate on the toy ADE-format validation set",
+    )  # fmt: skip
+
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    print("\n== toy world results (mIoU %, mmseg convention; detectron2 in brackets)")
+    print(f"{'':8}{'all':>16}{'base':>16}{'novel':>16}")
+    cells = [
+        f"{summary[k]:.1f} ({summary[k + '_d2']:.1f})" for k in ("mIoU", "base_mIoU", "novel_mIoU")
+    ]
+    print(f"{'mIoU':8}" + "".join(f"{c:>16}" for c in cells))
+    print(f"pAcc {summary['pAcc']:.1f}  mAcc {summary['mAcc']:.1f}  fwIoU {summary['fwIoU']:.1f}")
+    print(f"overlays: {out / 'vis'}   TensorBoard logs: {run_dir / 'tb'}   model: {run_dir}")
+    print("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    return {"summary": summary, "times": times}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    main()

@@ -1,0 +1,120 @@
+"""Segment images with a trained model: a label-map PNG and a colour overlay with a legend.
+
+    python scripts/predict.py --checkpoint runs/c171_i21k photo.jpg more/*.png --out preds
+    python scripts/predict.py --checkpoint runs/x img.jpg --names objectInfo150.txt
+
+Over the full trained vocabulary by default (k = 1 nearest-row search when it is large), or over a
+named subset (--names FILE in any format larvess.vocab.read_names_file reads, or --classes a,b,c).
+Any image PIL can open (grayscale, RGBA, palette, EXIF-rotated, large). OUT/<stem>_label.png holds
+the class index (16-bit PNG when more than 256 classes; index into the list in OUT/classes.json),
+OUT/<stem>_overlay.png the overlay with a legend. An unreadable file is reported by name and the
+others are still processed; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from larvess.checkpoint import load_model
+from larvess.inference import slide_inference
+from larvess.viz import legend, overlay, palette, present_classes, save_png
+from larvess.vocab import read_names_file
+
+Image.MAX_IMAGE_PIXELS = None  # large photos are fine; we resize to the short side first
+
+
+def open_rgb(path: Path) -> np.ndarray:
+    """RGB uint8 [H,W,3] with EXIF rotation applied; raises ValueError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read as an image ({err})") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("images", nargs="+", type=Path)
+    ap.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or model.pt")
+    ap.add_argument("--out", type=Path, default=Path("predictions"))
+    ap.add_argument("--names", default=None, help="restrict to the classes of this names file")
+    ap.add_argument("--classes", default=None, help="restrict to these comma-separated names")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--short-side", type=int, default=512)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    loaded = load_model(args.checkpoint)
+    device = torch.device(args.device)
+    segmenter = loaded.segmenter.to(device)
+    if args.names or args.classes:
+        wanted = (
+            read_names_file(args.names)
+            if args.names
+            else [[n.strip()] for n in args.classes.split(",") if n.strip()]
+        )
+        rows = loaded.vocab.match(wanted)
+        unknown = [w[0] for w, r in zip(wanted, rows.tolist()) if r < 0]
+        if unknown:
+            raise SystemExit(f"classes not in the model's vocabulary: {unknown[:10]}")
+    else:
+        rows = torch.arange(len(loaded.vocab))
+    all_names = loaded.vocab.names  # a property that builds the list: read it once
+    names = [all_names[r] for r in rows.tolist()]
+    with torch.no_grad():
+        mu = loaded.table().to(device)[rows.to(device)]
+    colours = palette(len(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "classes.json").write_text(json.dumps(names, indent=0))
+
+    failed = 0
+    for path in args.images:
+        try:
+            image = open_rgb(path)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        pred = (
+            slide_inference(
+                segmenter,
+                mu,
+                image,
+                window=args.window,
+                stride=args.stride,
+                short_side=args.short_side,
+                device=device,
+                amp=device.type == "cuda",
+            )
+            .cpu()
+            .numpy()
+        )
+        dtype = np.uint8 if len(rows) <= 256 else np.uint16
+        Image.fromarray(pred.astype(dtype)).save(args.out / f"{path.stem}_label.png")
+        shown = overlay(image, pred, colours)
+        panel = legend(present_classes(pred), names, colours, width=shown.shape[1])
+        save_png(np.concatenate([shown, panel], axis=0), args.out / f"{path.stem}_overlay.png")
+        print(f"{path} -> {args.out / (path.stem + '_overlay.png')}")
+    if failed:
+        print(f"{failed} of {len(args.images)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,145 @@
+"""Train a large-vocabulary segmenter from a recipe.
+
+    accelerate launch scripts/train.py recipes/c171_i21k.yaml [key.sub=value ...]
+    python scripts/train.py recipes/toy.yaml schedule.steps=100
+
+Writes runs/<name>/: recipe.yaml (resolved), git.txt, vocab.json, tb/ (TensorBoard),
+checkpoints/step_*/ (accelerate state + model.pt), and model.pt at the end. A run whose folder
+already holds a checkpoint resumes from the newest one (train.resume=auto, the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build  # noqa: E402  (the recipe -> objects wiring shared by the scripts)
+
+from larvess.ca_classifier import CAClassifier  # noqa: E402
+from larvess.checkpoint import export_model  # noqa: E402
+from larvess.config import dump_recipe, load_recipe  # noqa: E402
+from larvess.engine import Net, find_resume, read_state, train  # noqa: E402
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown (git not found)\n"
+    if sha.returncode != 0:
+        return "unknown (not a git checkout)\n"
+    return sha.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "") + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train; returns what was built (the tests inspect it across processes)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("recipe", help="YAML recipe (a diff over larvess/config.py defaults)")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ap.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
+    args = ap.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    t = recipe.train
+
+    bf16 = t.precision == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # cpu=True without CUDA: accelerate then joins a multi-process launch with gloo (MULTI_CPU)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no"
+    )
+    main_proc = accelerator.is_main_process
+    set_seed(t.seed)  # same initial weights on every process
+
+    run_dir = Path(recipe.runs_dir) / recipe.name
+    ckpt = None
+    if t.resume == "auto":
+        ckpt = find_resume(run_dir)
+    elif t.resume != "never":
+        ckpt = Path(t.resume)
+    if args.resume and ckpt is None:
+        raise SystemExit(f"{run_dir}: --resume given but no complete checkpoint found")
+    start_step = read_state(ckpt)["step"] if ckpt else 0
+    bad_steps = read_state(ckpt)["bad_steps"] if ckpt else 0
+
+    vocab, datasets, sources = build.build_data(recipe)
+    segmenter, table, model_args = build.build_model(recipe, len(vocab))
+    lo = recipe.loss
+    ca = CAClassifier(len(vocab), recipe.model.dim, lo.ca_bank_size, lo.ca_topk, lo.ca_warm_up)
+    net = Net(segmenter, table)
+    optimizer, scheduler = build.build_optimizer(recipe, segmenter, table)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    ca.to(accelerator.device)
+    # The scheduler is stepped by hand (a prepared one steps num_processes times per step).
+    accelerator.register_for_checkpointing(scheduler, ca)
+
+    writer = None
+    if main_proc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+        (run_dir / "git.txt").write_text(git_commit())
+        vocab.save(run_dir / "vocab.json")
+        writer = SummaryWriter(str(run_dir / "tb"))
+        print(f"run folder {run_dir}: {len(vocab)} classes, sources {[s.name for s in sources]}")
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        if main_proc:
+            print(f"resumed from {ckpt} at step {start_step}")
+
+    # Batches already drawn by this process: the data streams continue where they stopped.
+    batches = build.build_batches(
+        recipe,
+        datasets,
+        accelerator.process_index,
+        accelerator.num_processes,
+        start_batch=start_step * t.grad_accum,
+    )
+
+    def on_checkpoint(folder: Path, step: int) -> None:
+        unwrapped = accelerator.unwrap_model(net)
+        export_model(folder, unwrapped.segmenter, unwrapped.table, model_args, vocab, step)
+
+    bad_steps = train(
+        accelerator,
+        net,
+        ca,
+        optimizer,
+        scheduler,
+        batches,
+        sources,
+        build.loss_params(recipe),
+        build.loop_params(recipe),
+        run_dir,
+        start_step=start_step,
+        bad_steps_total=bad_steps,
+        on_checkpoint=on_checkpoint,
+        writer=writer,
+    )
+    finished = find_resume(run_dir)
+    step = read_state(finished)["step"] if finished else start_step
+    if main_proc:
+        writer.close()
+        if step >= recipe.schedule.steps:
+            unwrapped = accelerator.unwrap_model(net)
+            export_model(run_dir, unwrapped.segmenter, unwrapped.table, model_args, vocab, step)
+            print(f"done: {run_dir / 'model.pt'} ({bad_steps} steps skipped for NaN/inf)")
+        else:
+            print(f"stopped at step {step} of {recipe.schedule.steps}: run again to resume")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"accelerator": accelerator, "net": net, "ca": ca, "vocab": vocab, "step": step,
+            "bad_steps": bad_steps}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

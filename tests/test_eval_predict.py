@@ -1,0 +1,473 @@
+"""scripts/eval_ade.py and scripts/predict.py end to end, on fixtures in the real file formats.
+
+A tiny exported model (ViT depth 1, d = 8) is evaluated on an ADE-150 folder (JPEG + uint8 PNG,
+objectInfo150.txt) and an ADE-847 folder (JPEG + uint16 TIFF, ade847_categories.tsv). The labels
+are written from the model's own predictions with a few edits, so the IoUs are neither 0 nor 1,
+and the script's numbers are checked against a plain per-class loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from larvess.checkpoint import export_model, load_model
+from larvess.inference import slide_inference
+from larvess.model import ClassTable, Segmenter
+from larvess.viz import overlay, palette
+from larvess.vocab import Vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+INFER = dict(window=64, stride=48, short_side=64)
+CLI = ["--window", "64", "--stride", "48", "--short-side", "64", "--device", "cpu"]
+MODEL_ARGS = dict(
+    backbone="vit_tiny_patch16_224",
+    dim=8,
+    img_size=64,
+    backbone_kwargs=dict(depth=1, embed_dim=48, num_heads=3),
+)
+MASK_CLASSES = [["wall"], ["building", "edifice"], ["sky"], ["floor", "flooring"], ["tree"]]
+# 290 extra image-level classes: the full vocabulary has 300 rows (> 256: 16-bit label PNGs)
+IMAGE_CLASSES = [["bed"], ["window", "windowpane"], ["grass"], ["cabinet"], ["person"]] + [
+    [f"extra thing {i}"] for i in range(290)
+]
+BASE = {syn[0] for syn in MASK_CLASSES}
+ADE150_NAMES = ["bed", "wall", "window, windowpane", "sky", "grass", "building, edifice", "tree"]
+ADE847_NAMES = ["floor, flooring", "person", "cabinet", "wall", "tree"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"_script_{name}", ROOT / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_ade = load_script("eval_ade")
+predict = load_script("predict")
+
+
+def run_script(name: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 10 + 2, w // 10 + 2, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+def read_array(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+@dataclass
+class Model:
+    run: Path
+    segmenter: Segmenter
+    mu: torch.Tensor  # [300, d] normalised rows
+    row_of: dict[str, int]  # display name -> vocabulary row
+    names: list[str]  # display name of every row
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Model:
+    torch.manual_seed(0)
+    segmenter = Segmenter(**MODEL_ARGS)
+    vocab = Vocabulary()
+    rows = vocab.add_source("coco", MASK_CLASSES, has_masks=True).tolist()
+    rows += vocab.add_source("in21k", IMAGE_CLASSES, has_masks=False).tolist()
+    row_of = {syn[0]: int(r) for syn, r in zip(MASK_CLASSES + IMAGE_CLASSES, rows)}
+    # Rows of the 10 named classes = embeddings of 10 different cells of an image, so that the
+    # random model predicts several classes on other images too.
+    img = torch.tensor(smooth_image(64, 64, 99)).permute(2, 0, 1).float() / 255.0
+    with torch.no_grad():
+        cells = segmenter.eval()((img[None] - 0.45) / 0.25)[0].flatten(1).T  # [16, d]
+    init = F.normalize(
+        torch.randn(len(vocab), 8, generator=torch.Generator().manual_seed(1)), dim=1
+    )
+    init[:10] = cells[torch.randperm(16, generator=torch.Generator().manual_seed(2))[:10]]
+    table = ClassTable(len(vocab), 8, init=init)
+    run = tmp_path_factory.mktemp("run")
+    export_model(run, segmenter, table, MODEL_ARGS, vocab, step=7)
+    with torch.no_grad():
+        mu = table()
+    return Model(run, segmenter, mu, row_of, vocab.names)
+
+
+def evaluated_rows(model: Model, names: list[str]) -> list[int]:
+    return [model.row_of[n.split(",")[0]] for n in names]
+
+
+def make_eval_set(model: Model, root: Path, dataset: str, sizes, seed: int) -> list[tuple]:
+    """Write images + labels (from edited predictions) in the real layout; returns (pred, gt)."""
+    names = ADE150_NAMES if dataset == "ade150" else ADE847_NAMES
+    k = len(names)
+    mu = model.mu[evaluated_rows(model, names)]
+    if dataset == "ade150":
+        base = root / "ADEChallengeData2016"
+        img_dir, lab_dir = base / "images/validation", base / "annotations/validation"
+        lines = ["Idx\tRatio\tTrain\tVal\tName"]
+        for i, n in enumerate(names, 1):  # the real file has "8 " style Idx fields
+            lines.append(f"{i}{' ' if i % 2 else ''}\t0.01\t100\t10\t{n}")
+        (base / "objectInfo150.txt").parent.mkdir(parents=True)
+        (base / "objectInfo150.txt").write_text("\n".join(lines) + "\n")
+    else:
+        img_dir, lab_dir = (
+            root / "images_detectron2/validation",
+            root / "annotations_detectron2/validation",
+        )
+        lines = ["trainId\tade_full_id\tname"] + [
+            f"{i}\t{2000 + i}\t{n}" for i, n in enumerate(names)
+        ]
+        (root / "names.tsv").write_text("\n".join(lines) + "\n")
+    img_dir.mkdir(parents=True)
+    lab_dir.mkdir(parents=True)
+    keys, preds = [], []
+    for i, (h, w) in enumerate(sizes):
+        key = f"ADE_val_{i:08d}" if dataset == "ade150" else f"frame_{i}"
+        Image.fromarray(smooth_image(h, w, seed + i)).save(img_dir / f"{key}.jpg", quality=90)
+        image = np.asarray(Image.open(img_dir / f"{key}.jpg").convert("RGB"))
+        preds.append(slide_inference(model.segmenter, mu, image, **INFER).numpy())
+        keys.append(key)
+    counts = np.bincount(np.concatenate([p.ravel() for p in preds]), minlength=k)
+    c_gone = int(counts.argmax())  # predicted everywhere, never in the ground truth
+    c_missed = int(counts.argmin())  # rarely (or never) predicted, present in a block
+    pairs = []
+    for key, pred in zip(keys, preds):
+        gt = pred.copy()
+        gt[pred == c_gone] = (c_gone + 1) % k if (c_gone + 1) % k != c_missed else (c_gone + 2) % k
+        gt[:12, :12] = c_missed
+        gt[-5:, :] = -1
+        gt[:, -3:] = -1
+        pairs.append((pred, gt))
+        if dataset == "ade150":
+            im = Image.fromarray((gt + 1).astype(np.uint8))  # 0 = ignore
+            (im.convert("P") if key.endswith("1") else im).save(lab_dir / f"{key}.png")
+        else:
+            Image.fromarray(np.where(gt < 0, 65535, gt).astype(np.uint16)).save(
+                lab_dir / f"{key}.tif"
+            )
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def ade150(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ade150")
+    return root, make_eval_set(model, root, "ade150", [(70, 90), (64, 64), (90, 70)], seed=10)
+
+
+@pytest.fixture(scope="module")
+def ade847(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ade847")
+    return root, make_eval_set(model, root, "ade847", [(72, 64), (64, 80)], seed=20)
+
+
+def naive_metrics(pairs, names: list[str]) -> dict:
+    """Percent mIoU (mmseg and d2 conventions), base / novel, pAcc, per-class IoU by plain loops."""
+    k = len(names)
+    tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
+    for pred, gt in pairs:
+        valid = gt >= 0
+        for c in range(k):
+            p, g = (pred == c) & valid, gt == c
+            tp[c] += (p & g).sum()
+            fp[c] += (p & ~g).sum()
+            fn[c] += (g & ~p).sum()
+    iou = {c: tp[c] / (tp[c] + fp[c] + fn[c]) for c in range(k) if tp[c] + fp[c] + fn[c] > 0}
+    in_gt = [c for c in range(k) if tp[c] + fn[c] > 0]
+    is_base = [n.split(",")[0] in BASE for n in names]
+    out = {
+        "mIoU": np.mean(list(iou.values())),
+        "mIoU_d2": np.mean([iou[c] for c in in_gt]),
+        "pAcc": tp.sum() / sum(int((gt >= 0).sum()) for _, gt in pairs),
+        "iou": iou,
+    }
+    for subset, want in (("base", True), ("novel", False)):
+        out[f"{subset}_mIoU"] = np.mean([v for c, v in iou.items() if is_base[c] == want])
+        out[f"{subset}_mIoU_d2"] = np.mean([iou[c] for c in in_gt if is_base[c] == want])
+    for key in list(out):
+        if key != "iou":
+            out[key] *= 100.0
+    return out
+
+
+def check_outputs(out: Path, pairs, names: list[str], keys_with_vis: list[str], tol=1e-3) -> None:
+    want = naive_metrics(pairs, names)
+    assert want["mIoU"] != pytest.approx(want["mIoU_d2"])  # the fixture tells conventions apart
+    assert 2 <= len(want["iou"]) and 0 < want["mIoU"] < 100
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    for key in "mIoU mIoU_d2 pAcc base_mIoU novel_mIoU base_mIoU_d2 novel_mIoU_d2".split():
+        assert summary[key] == pytest.approx(want[key], abs=tol), key
+    with open(out / "per_class.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [n.split(",")[0] for n in names]
+    for c, r in enumerate(rows):
+        assert r["subset"] == ("base" if r["name"] in BASE else "novel")
+        if c in want["iou"]:
+            assert float(r["IoU"]) == pytest.approx(100 * want["iou"][c], abs=tol)
+        else:
+            assert r["IoU"] == ""
+    info = json.loads((out / "eval_info.json").read_text())
+    n_base = sum(n.split(",")[0] in BASE for n in names)
+    assert (info["base_classes"], info["novel_classes"]) == (n_base, len(names) - n_base)
+    assert info["images"] == len(pairs)
+    vis = sorted(p.stem for p in (out / "vis").glob("*.png")) if keys_with_vis else []
+    assert vis == keys_with_vis
+    for key, (pred, _) in zip(keys_with_vis, pairs):
+        h, w = pred.shape
+        vh, vw = read_array(out / "vis" / f"{key}.png").shape[:2]
+        assert vw == 3 * w and vh > h  # image | prediction | ground truth, legend below
+
+
+def test_eval_ade150(model, ade150, tmp_path):
+    root, pairs = ade150
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root"]
+    eval_ade.main(
+        args + [str(root / "ADEChallengeData2016"), "--out", str(out), "--save-vis", "2"] + CLI
+    )
+    check_outputs(out, pairs, ADE150_NAMES, ["ADE_val_00000000", "ADE_val_00000001"])
+
+
+def test_eval_ade847(model, ade847, tmp_path):
+    root, pairs = ade847
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(model.run / "model.pt"), "--dataset", "ade847", "--root", str(root)]
+    eval_ade.main(
+        args + ["--names", str(root / "names.tsv"), "--out", str(out), "--save-vis", "5"] + CLI
+    )
+    check_outputs(out, pairs, ADE847_NAMES, ["frame_0", "frame_1"])
+
+
+def test_eval_ade150_subprocess(model, ade150):
+    """The command line as documented; the dataset parent folder as root; default output folder."""
+    root, pairs = ade150
+    args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)] + CLI
+    proc = run_script("eval_ade", args)
+    assert proc.returncode == 0, proc.stderr
+    assert "mIoU" in proc.stdout and "base" in proc.stdout and "novel" in proc.stdout
+    # another process may differ in the last bits of a float: allow a few flipped pixels
+    check_outputs(model.run / "eval_ade150", pairs, ADE150_NAMES, [], tol=0.05)
+
+
+def copy_set(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_eval_missing_label_file(model, ade150, tmp_path):
+    root = copy_set(ade150[0], tmp_path / "ade")
+    (root / "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png").unlink()
+    args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)]
+    with pytest.raises(FileNotFoundError, match="ADE_val_00000001.jpg"):
+        eval_ade.main(args + ["--out", str(tmp_path / "o")] + CLI)
+    proc = run_script("eval_ade", args + ["--out", str(tmp_path / "o")] + CLI)
+    assert proc.returncode != 0
+    assert "error:" in proc.stderr and "ADE_val_00000001.jpg" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_label_value_out_of_range(model, ade150, ade847, tmp_path):
+    root = copy_set(ade150[0], tmp_path / "ade")
+    png = root / "ADEChallengeData2016/annotations/validation/ADE_val_00000002.png"
+    lab = read_array(png).copy()
+    lab[5, 5] = len(ADE150_NAMES) + 1
+    Image.fromarray(lab).save(png)
+    args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)]
+    with pytest.raises(ValueError, match=r"ADE_val_00000002\.png.*\b8\b"):
+        eval_ade.main(args + ["--out", str(tmp_path / "o")] + CLI)
+
+    root = copy_set(ade847[0], tmp_path / "ade847")
+    tif = root / "annotations_detectron2/validation/frame_1.tif"
+    lab = read_array(tif).copy()
+    lab[0, 0] = 300
+    Image.fromarray(lab).save(tif)
+    args = ["--checkpoint", str(model.run), "--dataset", "ade847", "--root", str(root)]
+    with pytest.raises(ValueError, match=r"frame_1\.tif.*300"):
+        eval_ade.main(
+            args + ["--names", str(root / "names.tsv"), "--out", str(tmp_path / "o")] + CLI
+        )
+
+
+def test_eval_names_file_wrong_length(model, ade847, tmp_path):
+    root = ade847[0]
+    pairs = ade847[1]
+    top = max(int(gt.max()) for _, gt in pairs)  # the highest trainId used by the labels
+    short = tmp_path / "short.tsv"
+    lines = (root / "names.tsv").read_text().splitlines()[: top + 1]  # header + ids 0..top-1
+    short.write_text("\n".join(lines) + "\n")
+    args = ["--checkpoint", str(model.run), "--dataset", "ade847", "--root", str(root)]
+    with pytest.raises(ValueError, match=rf"frame_\d\.tif.*\b{top}\b"):
+        eval_ade.main(args + ["--names", str(short), "--out", str(tmp_path / "o")] + CLI)
+    # a names file with a gap in its ids: the error names the file and the line
+    gap = tmp_path / "gap.tsv"
+    gap.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"gap\.tsv:3"):
+        eval_ade.main(args + ["--names", str(gap), "--out", str(tmp_path / "o")] + CLI)
+    with pytest.raises(ValueError, match="names_file"):
+        eval_ade.main(args + ["--out", str(tmp_path / "o")] + CLI)
+
+
+def test_eval_class_not_in_vocabulary(model, ade150, tmp_path):
+    root = copy_set(ade150[0], tmp_path / "ade")
+    info = root / "ADEChallengeData2016/objectInfo150.txt"
+    info.write_text(info.read_text().replace("\tgrass", "\tunicorn"))
+    args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)]
+    with pytest.raises(SystemExit, match=r"model\.pt.*1 of 7.*unicorn"):
+        eval_ade.main(args + ["--out", str(tmp_path / "o")] + CLI)
+
+
+def test_checkpoint_without_model_file(model, ade150, tmp_path):
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="not_a_run.*model.pt"):
+        eval_ade.main(["--checkpoint", str(empty), "--dataset", "ade150", "--root", str(ade150[0])])
+    with pytest.raises(FileNotFoundError, match="not_a_run.*model.pt"):
+        predict.main(["--checkpoint", str(empty), str(tmp_path / "x.jpg")])
+    proc = run_script("predict", ["--checkpoint", str(empty), str(tmp_path / "x.jpg")])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr and "not_a_run" in proc.stderr
+    (empty / "model.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"not_a_run/model\.pt"):
+        load_model(empty)
+
+
+def test_checkpoint_run_folder_takes_newest(model, tmp_path):
+    loaded = load_model(model.run)
+    for step in (2, 10):
+        folder = tmp_path / "run" / "checkpoints" / f"step_{step:08d}"
+        export_model(folder, loaded.segmenter, loaded.table, MODEL_ARGS, loaded.vocab, step)
+    newest = load_model(tmp_path / "run")
+    assert newest.step == 10 and newest.path.parent.name == "step_00000010"
+    assert newest.vocab.names == model.names
+    assert torch.equal(newest.table(), model.mu)
+
+
+# ---------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray]]:
+    """Input files of several kinds -> (path, the RGB uint8 array the model should see)."""
+    d = tmp_path_factory.mktemp("photos")
+    out = {}
+
+    def decoded(path):
+        with Image.open(path) as im:  # no EXIF handling here
+            return np.asarray(im.convert("RGB"))
+
+    Image.fromarray(smooth_image(70, 90, 1)).save(d / "rgb.jpg")
+    out["rgb"] = (d / "rgb.jpg", decoded(d / "rgb.jpg"))
+
+    gray = smooth_image(64, 80, 2)[:, :, 0]
+    Image.fromarray(gray).save(d / "gray.png")
+    out["gray"] = (d / "gray.png", np.repeat(gray[:, :, None], 3, axis=2))
+
+    rgb = smooth_image(72, 72, 3)
+    alpha = np.where(np.arange(72)[None, :] < 30, 0, 255).repeat(72, axis=0).astype(np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha])).save(d / "rgba.png")
+    out["rgba"] = (d / "rgba.png", np.where(alpha[:, :, None] == 0, 255, rgb).astype(np.uint8))
+
+    index = (np.arange(64)[:, None] // 8 + np.arange(96)[None, :] // 12) % 16
+    colours = np.random.default_rng(4).integers(0, 256, (256, 3), dtype=np.uint8)
+    pal = Image.fromarray(index.astype(np.uint8), mode="L").convert("P")
+    pal.putpalette(colours.ravel().tolist())
+    pal.save(d / "palette.png")
+    out["palette"] = (d / "palette.png", colours[index])
+
+    # EXIF orientation 6: stored 96 wide x 64 high, shown rotated 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(smooth_image(64, 96, 5)).save(d / "exif.jpg", exif=exif)
+    out["exif"] = (d / "exif.jpg", np.ascontiguousarray(np.rot90(decoded(d / "exif.jpg"), k=-1)))
+
+    Image.fromarray(smooth_image(900, 1500, 6)).save(d / "large.jpg")
+    out["large"] = (d / "large.jpg", decoded(d / "large.jpg"))
+
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    jpeg = (d / "rgb.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return out
+
+
+@pytest.fixture(scope="module")
+def predicted(model, photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pred")
+    paths = [str(p) for p, _ in photos.values()]
+    assert predict.main(["--checkpoint", str(model.run), "--out", str(out)] + paths + CLI) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["rgb", "gray", "rgba", "palette", "exif", "large"])
+def test_predict_full_vocabulary(model, photos, predicted, kind):
+    path, image = photos[kind]
+    h, w = image.shape[:2]
+    if kind == "exif":
+        assert (h, w) == (96, 64)  # rotation applied: the stored size swapped
+    want = slide_inference(model.segmenter, model.mu, image, **INFER).numpy()
+    with Image.open(predicted / f"{path.stem}_label.png") as im:
+        assert im.mode.startswith("I")  # 300 classes: 16-bit PNG
+        label = np.asarray(im).astype(np.int64)
+    assert label.shape == (h, w)
+    np.testing.assert_array_equal(label, want)
+    shown = read_array(predicted / f"{path.stem}_overlay.png")
+    assert shown.shape[1] == w and shown.shape[0] > h  # legend below the overlay
+    np.testing.assert_array_equal(shown[:h], overlay(image, want, palette(len(model.mu))))
+    assert json.loads((predicted / "classes.json").read_text()) == model.names
+
+
+def test_predict_class_subset(model, photos, tmp_path):
+    out = tmp_path / "out"
+    path, image = photos["rgb"]
+    code = predict.main(
+        ["--checkpoint", str(model.run), "--out", str(out), "--classes", "sky, grass ,wall"]
+        + [str(path)]
+        + CLI
+    )
+    assert code == 0
+    assert json.loads((out / "classes.json").read_text()) == ["sky", "grass", "wall"]
+    mu = model.mu[[model.row_of["sky"], model.row_of["grass"], model.row_of["wall"]]]
+    want = slide_inference(model.segmenter, mu, image, **INFER).numpy()
+    with Image.open(out / "rgb_label.png") as im:
+        assert im.mode == "L"
+        np.testing.assert_array_equal(np.asarray(im), want)
+    assert len(np.unique(want)) >= 2
+
+    with pytest.raises(SystemExit, match="unicorn"):
+        predict.main(["--checkpoint", str(model.run), "--classes", "sky,unicorn", str(path)])
+
+
+def test_predict_unreadable_files(model, photos, tmp_path):
+    d = photos["rgb"][0].parent
+    out = tmp_path / "out"
+    files = [str(d / n) for n in ("rgb.jpg", "broken.jpg", "missing.png", "truncated.jpg")]
+    args = ["--checkpoint", str(model.run), "--out", str(out)] + files + [str(d / "gray.png")] + CLI
+    assert predict.main(args) == 1
+    proc = run_script("predict", args[:3] + [str(out / "sub")] + args[4:])
+    assert proc.returncode == 1, proc.stderr
+    for name in ("broken.jpg", "missing.png", "truncated.jpg"):
+        assert name in proc.stderr
+    assert "3 of 5" in proc.stderr
+    for o in (out, out / "sub"):
+        for stem in ("rgb", "gray"):
+            assert (o / f"{stem}_label.png").is_file() and (o / f"{stem}_overlay.png").is_file()
+        assert not any((o / f"{s}_label.png").exists() for s in ("broken", "missing", "truncated"))

@@ -1,0 +1,163 @@
+"""Training end to end on a tiny toy world: two processes, resume, SIGKILL, NaN handling."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from larvess.data.imagenet_wds import write_shards
+from larvess.data.toy import make_toy_world
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+sys.path.insert(0, str(ROOT / "scripts"))
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_world(out, seed=3, size=64, n_coco=24, n_imagenet_per_class=3, n_ade_train=24,
+                   n_ade_val=4, num_base=4, num_novel=4, workers=1, progress=False)  # fmt: skip
+    write_shards(out / "imagenet", out / "shards", shard_size=4, workers=1)
+    return out
+
+
+def tiny(world: Path, runs: Path, name: str, steps: int, *extra: str, imagenet=True) -> list[str]:
+    """Overrides that shrink recipes/toy.yaml to a model and batches that step in ~0.1 s.
+
+    imagenet=False keeps the map-style sources only, whose data stream resumes exactly."""
+    args = [str(ROOT / "recipes" / "toy.yaml"), f"name={name}", f"runs_dir={runs}"]
+    names = ["coco", "imagenet", "wa"] if imagenet else ["coco", "wa"]
+    if not imagenet:  # the list is replaced first, then its entries are set by name
+        args.append(
+            "data=[{name: coco, kind: coco_stuff, root: x}, {name: wa, kind: wa150, root: y}]"
+        )
+    args += [
+        "model.backbone_kwargs={depth: 1, embed_dim: 48, num_heads: 3}",
+        "model.img_size=64",
+        "model.dim=8",
+        f"schedule.steps={steps}",
+        "schedule.warmup_steps=1",
+        "train.log_every=1",
+        "loss.ca_bank_size=2",
+        "loss.ca_topk=4",
+        f"data.coco.root={world / 'coco_stuff'}",
+        f"data.wa.root={world / 'ade'}",
+    ]
+    if imagenet:
+        args += [f"data.imagenet.root={world / 'shards'}",
+                 f"data.imagenet.names={world / 'imagenet_lemmas.txt'}"]  # fmt: skip
+    for n in names:
+        args += [f"data.{n}.batch_size=2", f"data.{n}.crop_size=64", f"data.{n}.num_workers=0"]
+    return args + list(extra)
+
+
+def load_params(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_two_processes_step_in_lockstep(world, tmp_path):
+    out = tmp_path / "ranks"
+    out.mkdir()
+    # accelerate's --cpu launcher is single-process (multi-CPU needs MPI); --multi_gpu is its
+    # torchrun launcher, and train.py's Accelerator(cpu=True) joins it with gloo.
+    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    cmd = launch + [str(ROOT / "tests" / "train_driver.py"), str(out)]
+    cmd += tiny(world, tmp_path / "runs", "ddp", 4, "train.ckpt_every=4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = load_params(out / "rank0.pt"), load_params(out / "rank1.pt")
+    assert r0["step"] == r1["step"] == 4
+    for name in ("coco", "wa", "imagenet"):
+        k0, k1 = r0["keys"][name], r1["keys"][name]
+        assert len(k0) == len(k1) == 4 * 2  # both processes drew one batch per step
+        if name != "imagenet":  # map-style: disjoint within the epoch (24 > 16 draws)
+            assert not set(k0) & set(k1), name
+    # the imagenet stream of each rank reads its own shards
+    assert not set(r0["keys"]["imagenet"]) & set(r1["keys"]["imagenet"])
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k
+    for k, v in r0["bank"].items():
+        assert torch.equal(v, r1["bank"][k]), k
+    assert r0["bank"]["count"].sum() > 0  # something was enqueued (and synchronised)
+    ckpts = sorted((tmp_path / "runs" / "ddp" / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_00000004"]
+    assert (tmp_path / "runs" / "ddp" / "model.pt").is_file()
+
+
+def test_resume_matches_straight_run(world, tmp_path):
+    runs = tmp_path / "runs"
+    train.main(tiny(world, runs, "straight", 6, "train.ckpt_every=3", imagenet=False))
+    train.main(tiny(world, runs, "split", 6, "train.ckpt_every=3", "train.stop_after=3",
+                    imagenet=False))  # fmt: skip
+    assert not (runs / "split" / "model.pt").exists()  # stopped half way
+    built = train.main(tiny(world, runs, "split", 6, "train.ckpt_every=3", imagenet=False))
+    assert built["step"] == 6
+    a = load_params(runs / "straight" / "model.pt")
+    b = load_params(runs / "split" / "model.pt")
+    for part in ("segmenter", "table"):
+        for k, v in a[part].items():
+            torch.testing.assert_close(b[part][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # a run that diverged from the straight one must differ: the comparison can fail
+    c = load_params(runs / "straight" / "checkpoints" / "step_00000003" / "model.pt")
+    assert not torch.allclose(c["table"]["weight"], a["table"]["weight"])
+
+
+def test_sigkilled_run_resumes_and_finishes(world, tmp_path):
+    runs = tmp_path / "runs"
+    args = tiny(world, runs, "killed", 40, "train.ckpt_every=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, str(ROOT / "scripts" / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    state = runs / "killed" / "checkpoints" / "step_00000002" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (runs / "killed" / "model.pt").exists()  # really killed before the end
+    done = subprocess.run([PY, str(ROOT / "scripts" / "train.py"), *args, "--resume"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    assert load_params(runs / "killed" / "model.pt")["step"] == 40
+    kept = sorted(p.name for p in (runs / "killed" / "checkpoints").iterdir())
+    assert kept == ["step_00000038", "step_00000040"]  # keep_ckpts=2 of the toy recipe
+
+
+def test_nan_losses_are_skipped_then_abort(world, tmp_path, monkeypatch):
+    import larvess.engine as engine
+
+    real = engine.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        terms = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] in (2, 3):  # two bad steps, then healthy again
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(engine, "compute_losses", poisoned)
+    runs = tmp_path / "runs"
+    built = train.main(tiny(world, runs, "nan", 5, "train.ckpt_every=5", imagenet=False))
+    assert built["step"] == 5 and built["bad_steps"] == 2
+    assert (runs / "nan" / "model.pt").is_file()
+
+    def always_nan(*a, **k):
+        terms = real(*a, **k)
+        terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(engine, "compute_losses", always_nan)
+    with pytest.raises(engine.TooManyBadSteps, match="consecutive"):
+        train.main(tiny(world, runs, "nan2", 10, "train.max_bad_steps=3", imagenet=False))
