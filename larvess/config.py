@@ -50,6 +50,7 @@ class LossConfig:
     k: int = 8  # negatives per labelled pixel (ESS eq. 6)
     scale: float = 40.0  # s = 2 / tau with tau = 0.05
     share_negatives: bool = False  # search at the feature grid, reuse per cell (ESS supp.)
+    label_stride: int = 1  # loss resolution = crop / label_stride (labels sampled at centres)
     margin: float = 0.2
     margin_weight: float = 1.0  # 0 disables L_r
     cls_k: int | None = None  # image-level CE over target + k nearest; None = all classes
@@ -226,6 +227,7 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     _check(m.dim >= 1, src, "model.dim", m.dim, "must be >= 1")
     _check(m.img_size >= 16, src, "model.img_size", m.img_size, "must be >= 16")
     _check(lo.k >= 1, src, "loss.k", lo.k, "must be >= 1")
+    _check(lo.label_stride >= 1, src, "loss.label_stride", lo.label_stride, "must be >= 1")
     _check(lo.scale > 0, src, "loss.scale", lo.scale, "must be > 0")
     _check(lo.margin >= 0, src, "loss.margin", lo.margin, "must be >= 0")
     _check(lo.margin_weight >= 0, src, "loss.margin_weight", lo.margin_weight, "must be >= 0")

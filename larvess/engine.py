@@ -61,6 +61,7 @@ class LossParams:
     margin: float = 0.2
     margin_weight: float = 1.0
     cls_k: int | None = None
+    label_stride: int = 1
 
 
 def compute_losses(
@@ -78,7 +79,7 @@ def compute_losses(
     terms: dict[str, torch.Tensor] = {}
     for x, batch, src in zip(xs, batches, sources):
         if src.supervision == "mask":
-            target = batch["label"]
+            target = subsample_labels(batch["label"], p.label_stride)
             x_up = upsample_embeddings(x, target.shape[-2:])
             grid = x if p.share_negatives else None
             seg = knn_sampled_ce(x_up, target, mu, p.k, p.scale, ignore_index=-1, grid=grid)
@@ -95,6 +96,15 @@ def compute_losses(
         terms["margin"] = p.margin_weight * margin_regularizer(mu, p.margin)
     terms["total"] = sum(terms.values())
     return terms
+
+
+def subsample_labels(label: torch.Tensor, stride: int) -> torch.Tensor:
+    """[B,H,W] -> [B,ceil(H/stride),ceil(W/stride)]: the label at each cell's centre pixel
+    (nearest sampling never mixes classes or ignore into a new value)."""
+    if stride == 1:
+        return label
+    o = stride // 2
+    return label[:, o::stride, o::stride]
 
 
 def poly_factor(step: int, total: int, power: float, warmup: int, base_lr: float, min_lr: float):

@@ -100,11 +100,12 @@ def _sampled_logits(
     """[z_target, z_neg1..k] -> [N,1+k]; x [N,d], target [N], negatives [N,k] rows of mu.
 
     neg_mask [N,k] (True = keep) turns padded negatives into -inf."""
-    z_t = scale * (x * mu[target]).sum(dim=1, keepdim=True)
-    z_n = scale * _GatherDot.apply(x, mu, negatives)
+    # one gather for target and negatives: a single [C,d] gradient buffer in backward
+    z = scale * _GatherDot.apply(x, mu, torch.cat([target[:, None], negatives], dim=1))
     if neg_mask is not None:
-        z_n = z_n.masked_fill(~neg_mask, float("-inf"))
-    return torch.cat([z_t, z_n], dim=1)
+        keep = torch.cat([neg_mask.new_ones(neg_mask.shape[0], 1), neg_mask], dim=1)
+        z = z.masked_fill(~keep, float("-inf"))
+    return z
 
 
 def _ce_target_first(logits: Tensor) -> Tensor:

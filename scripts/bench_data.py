@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from larvess.data.imagenet_wds import ImageNetShards, write_shards
+from larvess.data.imagenet_shards import write_shards
+from larvess.data.imagenet_wds import ImageNetShards
 from larvess.data.toy import make_toy_world
 from larvess.data.transforms import TrainAugment
 
@@ -108,25 +109,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{n} files, {mb:.1f} MiB, from {root}")
         _decode_loop(files[:50], None, None)  # warm the page cache for every variant alike
         v: dict = {"copy loop": lambda k: _copy_loop(files, tmp / f"copy{k}")}
+
+        def writer(workers: int, reencode: bool = False, verify: str = "decode"):
+            kw = dict(shard_size=a.shard_size, workers=workers, name="bench", progress=False)
+            return lambda k: write_shards(
+                root,
+                tmp / f"w{workers}{reencode}{verify}{k}",
+                reencode=reencode,
+                verify=verify,
+                **kw,
+            )
+
         for w in (1, 2):
-            for re_ in (False, True):
-                tag = f"w{w}{'r' if re_ else 'p'}"
-                v[f"writer {w}w {'re-encode' if re_ else 'pass-through'}"] = (
-                    lambda k, w=w, re_=re_, tag=tag: write_shards(
-                        root,
-                        tmp / f"{tag}{k}",
-                        None,
-                        a.shard_size,
-                        w,
-                        0,
-                        None,
-                        "bench",
-                        re_,
-                        progress=False,
-                    )
-                )
+            v[f"writer {w}w pass-through"] = writer(w)
+            v[f"writer {w}w re-encode"] = writer(w, reencode=True)
+        v["writer 1w pass-through, header check"] = writer(1, verify="header")
         r = run_variants(v, n, a.repeats)
-        shards = tmp / "w1p0"
+        shards = tmp / "w1Falsedecode0"
         rng = np.random.default_rng(0)
         v = {"PIL decode loop": lambda k: _decode_loop(files, None, rng)}
         it = _loader(shards, _decode_only, a.loader_workers)
@@ -146,17 +145,17 @@ def main(argv: list[str] | None = None) -> None:
         if k.startswith("loader") and k[-1].isdigit():
             c = k.split()[-1]
             note = (
-                f"{r[ref] / v:.2f}x slower than decode bound; "
+                f"{r[ref] / v:.2f}x the decode-bound time; "
                 f"{r[f'decode+aug loop {c}'] / v:.2f}x vs decode+aug loop"
             )
         elif ref:
-            note = f"{r[ref] / v:.2f}x slower than {ref}"
+            note = f"{r[ref] / v:.2f}x the time of the {ref}"
         else:
             note = ""
         rows.append({"variant": k, "images_per_s": round(v, 1), "note": note})
-    print(f"\n{'variant':32s} {'img/s':>9s}  note")
+    print(f"\n{'variant':38s} {'img/s':>9s}  note")
     for row in rows:
-        print(f"{row['variant']:32s} {row['images_per_s']:9.1f}  {row['note']}")
+        print(f"{row['variant']:38s} {row['images_per_s']:9.1f}  {row['note']}")
     res = {
         "files": n,
         "mib": round(mb, 2),

@@ -168,7 +168,9 @@ def build_optimizer(
 
 def loss_params(recipe: Recipe) -> LossParams:
     lo = recipe.loss
-    return LossParams(lo.k, lo.scale, lo.share_negatives, lo.margin, lo.margin_weight, lo.cls_k)
+    return LossParams(
+        lo.k, lo.scale, lo.share_negatives, lo.margin, lo.margin_weight, lo.cls_k, lo.label_stride
+    )
 
 
 def loop_params(recipe: Recipe) -> LoopParams:

@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from larvess.data.imagenet_wds import read_synsets, write_shards
+from larvess.data.imagenet_shards import read_synsets, write_shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-per-class", type=int, default=None, help="images kept per class")
     ap.add_argument("--name", default="imagenet", help="shard file prefix")
     ap.add_argument("--reencode", action="store_true", help="re-encode even valid RGB JPEGs")
+    ap.add_argument(
+        "--verify",
+        choices=("decode", "header"),
+        default="decode",
+        help="check valid JPEGs by a 1/8-scale decode, or header + end marker only",
+    )
     a = ap.parse_args(argv)
     t0 = time.time()
     try:
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             a.max_per_class,
             a.name,
             a.reencode,
+            a.verify,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

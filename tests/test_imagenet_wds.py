@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from larvess.data.imagenet_wds import ImageNetShards, read_synsets, write_shards
+from larvess.data.imagenet_shards import UnreadableImage, prepare_jpeg, read_synsets, write_shards
+from larvess.data.imagenet_wds import ImageNetShards
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = ["n00000001", "n00000002", "n00000003"]
@@ -95,6 +96,19 @@ def test_round_trip_and_odd_inputs(tree, tmp_path: Path) -> None:
     counts = {n: sum(s["shard"] == n for s in samples.values()) for n in info["filenames"]}
     assert info["shard_lengths"] == [counts[n] for n in info["filenames"]]
     assert info["splits"]["train"]["shard_lengths"] == info["shard_lengths"]
+
+
+def test_header_verification(tree) -> None:
+    root, files, bad = tree
+    for rel, data in files.items():
+        if rel in bad:
+            for verify in ("decode", "header"):  # no end marker: header mode decodes too
+                with pytest.raises(UnreadableImage):
+                    prepare_jpeg(data, verify=verify)
+        elif "_cmyk" not in rel and "_grey" not in rel and "_png" not in rel:
+            assert prepare_jpeg(data, verify="header") == (data, False)
+    with pytest.raises(ValueError, match="verify"):
+        prepare_jpeg(b"", verify="full")
 
 
 def test_timm_reads_shards(tree, tmp_path: Path) -> None:

@@ -140,3 +140,34 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="size"):
         make_toy_world("/nonexistent", size=8)
     assert len(toy_classes(3, 2)) == 5 and len({c.name for c in toy_classes(24, 24)}) == 48
+
+
+def test_project_readers_and_vocabulary_read_the_toy_world(world: Path, tmp_path: Path) -> None:
+    """The toy files go through the real readers: one 24-row vocabulary, rows agree by name."""
+    from larvess.data.ade import AdeEval, AdeTrain
+    from larvess.data.coco_stuff import CocoStuff
+    from larvess.data.imagenet_shards import write_shards
+    from larvess.data.imagenet_wds import ImageNetShards
+    from larvess.vocab import Vocabulary, read_names_file, read_synset_lemmas
+
+    coco = CocoStuff(world / "coco_stuff")
+    ade_root = world / "ade" / "ADEChallengeData2016"
+    lemmas = read_synset_lemmas(world / "imagenet_lemmas.txt")
+    synsets = (world / "imagenet_synsets.txt").read_text().split()
+    vocab = Vocabulary()
+    r_coco = vocab.add_source(
+        "coco", read_names_file(world / "coco_stuff" / "labels.txt"), None, True
+    )
+    r_ade = vocab.add_source("ade", read_names_file(ade_root / "objectInfo150.txt"))
+    r_in = vocab.add_source("in", [lemmas[w] for w in synsets], synsets)
+    assert len(vocab) == 24 and len(coco.class_names) == 12 and len(coco) == 6
+    assert r_coco.tolist() == r_ade[:12].tolist() and r_in.tolist() == r_ade[12:].tolist()
+    assert len(AdeTrain(ade_root, weak=True)) == 5 and len(AdeEval(world / "ade")) == 4
+    item = AdeEval(world / "ade")[0]
+    assert item["label"].shape == (64, 64) and item["label"].min() >= -1
+    write_shards(world / "imagenet", tmp_path / "sh", shard_size=8, progress=False)
+    ds = ImageNetShards(tmp_path / "sh", rows=r_in, rank=0, world_size=1)
+    s = next(iter(ds))
+    assert s["image"].shape == (3, 64, 64) and int(s["labels"]) in r_in.tolist()
+    wnid = s["key"].split("_")[0]
+    assert vocab.names[int(s["labels"])] == lemmas[wnid][0]

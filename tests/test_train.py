@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from larvess.data.imagenet_wds import write_shards
+from larvess.data.imagenet_shards import write_shards
 from larvess.data.toy import make_toy_world
 
 ROOT = Path(__file__).resolve().parents[1]
