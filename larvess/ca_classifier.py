@@ -203,6 +203,8 @@ class CAClassifier(nn.Module):
             if not 0 <= lab < self.num_classes:
                 raise ValueError(f"image {b}: label {lab} outside [0, {self.num_classes})")
         if not pairs:
+            # still take part in the all-gather: the other processes may have pairs to push
+            self._push(emb.new_zeros(0, emb.shape[1]), torch.zeros(0, dtype=torch.long))
             return zero_with_grad(emb, table)
         cls = torch.tensor([lab for _, lab in pairs], device=emb.device)
         warm = self.warm(cls).tolist()

@@ -68,6 +68,8 @@ class SourceConfig:
     batch_size: int = 8
     crop_size: int = 512
     num_workers: int = 2
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # resize ratio jitter
+    photometric: bool = True  # mmseg PhotoMetricDistortion (brightness/contrast/saturation/hue)
     seg_weight: float = 1.0  # mask sources
     cls_weight: float = 0.1  # image sources: LarvSeg image-level CE
     ca_weight: float = 0.1  # image sources: CA-Classifier
@@ -246,6 +248,9 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
         _check(bool(d.root), src, f"{key}.root", d.root, "the dataset folder is required")
         _check(d.batch_size >= 1, src, f"{key}.batch_size", d.batch_size, "must be >= 1")
         _check(d.crop_size >= 16, src, f"{key}.crop_size", d.crop_size, "must be >= 16")
+        lo_hi = d.scale_range
+        ok = len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1]
+        _check(ok, src, f"{key}.scale_range", lo_hi, "two ratios 0 < low <= high")
         _check(d.num_workers >= 0, src, f"{key}.num_workers", d.num_workers, "must be >= 0")
         for w in ("seg_weight", "cls_weight", "ca_weight"):
             _check(getattr(d, w) >= 0, src, f"{key}.{w}", getattr(d, w), "must be >= 0")

@@ -38,8 +38,9 @@ def build_data(recipe: Recipe) -> tuple[Vocabulary, dict[str, object], list[Sour
     datasets = {}
     for s in recipe.data:
         split = {"split": s.split} if s.split else {}
+        jitter = dict(ratio_range=tuple(s.scale_range), photometric=s.photometric)
         if s.kind == "coco_stuff":
-            aug = TrainAugment(crop_size=s.crop_size)
+            aug = TrainAugment(crop_size=s.crop_size, **jitter)
             datasets[s.name] = CocoStuff(s.root, transform=aug, from_json=s.from_json, **split)
         elif s.kind in ("ade150", "ade847", "wa150", "wa847"):
             weak = s.supervision == "image"
@@ -48,11 +49,11 @@ def build_data(recipe: Recipe) -> tuple[Vocabulary, dict[str, object], list[Sour
                 full=s.kind.endswith("847"),
                 weak=weak,
                 names_file=s.names,
-                transform=TrainAugment(crop_size=s.crop_size, pad=not weak),
+                transform=TrainAugment(crop_size=s.crop_size, pad=not weak, **jitter),
                 **split,
             )
         else:  # imagenet_wds: class list = the shards' synsets (info.json)
-            aug = TrainAugment(crop_size=s.crop_size, pad=False)
+            aug = TrainAugment(crop_size=s.crop_size, pad=False, **jitter)
             datasets[s.name] = ImageNetShards(s.root, transform=aug)
 
     vocab = Vocabulary(alias_file=recipe.vocab.alias_file)

@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "classes.json").write_text(json.dumps(names, indent=0))
 
+    # inputs that share a file name (a/x.jpg, b/x.png) must not overwrite each other's outputs
+    stems = [p.stem for p in args.images]
+    outs = [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
     failed = 0
-    for path in args.images:
+    for path, stem in zip(args.images, outs):
         try:
             image = open_rgb(path)
         except ValueError as err:
@@ -103,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             .numpy()
         )
         dtype = np.uint8 if len(rows) <= 256 else np.uint16
-        Image.fromarray(pred.astype(dtype)).save(args.out / f"{path.stem}_label.png")
+        Image.fromarray(pred.astype(dtype)).save(args.out / f"{stem}_label.png")
         shown = overlay(image, pred, colours)
         panel = legend(present_classes(pred), names, colours, width=shown.shape[1])
-        save_png(np.concatenate([shown, panel], axis=0), args.out / f"{path.stem}_overlay.png")
-        print(f"{path} -> {args.out / (path.stem + '_overlay.png')}")
+        save_png(np.concatenate([shown, panel], axis=0), args.out / f"{stem}_overlay.png")
+        print(f"{path} -> {args.out / (stem + '_overlay.png')}")
     if failed:
         print(f"{failed} of {len(args.images)} images could not be read", file=sys.stderr)
     return 1 if failed else 0

@@ -3,6 +3,7 @@
 import os
 import socket
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -163,7 +164,8 @@ def _free_port():
 def _worker(rank, port, out_dir):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a mismatched collective fails after a minute instead of hanging the suite
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         ca = CAClassifier(6, 4, bank_size=3, topk=2, warm_up=1)
         mu = unit(6, 4, seed=0)
@@ -172,6 +174,11 @@ def _worker(rank, port, out_dir):
             emb = F.normalize(torch.randn(2 + rank, 4, 3, 3, generator=g), dim=1)
             labels = [torch.tensor([rank, 3]), torch.tensor([5])] + [torch.tensor([1])] * rank
             ca.loss(emb, labels, mu, S)
+        # a batch without any label on rank 0 (an all-ignore weak crop) must still join the
+        # all-gather of rank 1's pushes
+        emb = F.normalize(torch.randn(2 + rank, 4, 3, 3, generator=g), dim=1)
+        empty = [torch.zeros(0, dtype=torch.long)] * 2
+        ca.loss(emb, empty if rank == 0 else labels, mu, S)
         ca.enqueue(torch.randn(4, 3, 3, generator=g), torch.randn(3, 3, generator=g), rank)
         torch.save(ca.state_dict(), os.path.join(out_dir, f"bank{rank}.pt"))
     finally:
@@ -187,6 +194,6 @@ def test_two_processes_end_with_identical_banks():
     for name in ("bank", "ptr", "count"):
         assert torch.equal(a[name], b[name]), name
     # both processes' pushes are in it: per step rank r pushes (r, 3, 5) and rank 1 also 1;
-    # then each enqueues its own rank once
-    assert a["count"].tolist() == [3 + 1, 3 + 3 + 1, 0, 3 * 2, 0, 3 * 2]
+    # in the label-less step only rank 1 pushes (1, 3, 5, 1); then each enqueues its rank once
+    assert a["count"].tolist() == [3 + 1, 3 + 3 + 2 + 1, 0, 3 * 2 + 1, 0, 3 * 2 + 1]
     assert a["bank"].abs().sum() > 0

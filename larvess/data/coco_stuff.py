@@ -34,17 +34,23 @@ log = logging.getLogger(__name__)
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Image file -> uint8 [H, W, 3] RGB."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """Image file -> uint8 [H, W, 3] RGB; an unreadable or truncated file is a ValueError naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read image ({err})") from err
 
 
 def read_label(path: str | Path) -> np.ndarray:
     """Single-channel label image (PNG L/P, TIFF I;16 / I) -> integer [H, W] raw values."""
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16", "I;16L", "I;16B"):
-            raise ValueError(f"{path}: label image must be single-channel, got mode {im.mode}")
-        return np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "I;16L", "I;16B"):
+                raise ValueError(f"{path}: label image must be single-channel, got mode {im.mode}")
+            return np.asarray(im)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read label image ({err})") from err
 
 
 def pair_files(

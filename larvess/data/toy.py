@@ -9,7 +9,8 @@ phase, orientation, colour and noise keeps it from being pixel-colour separable.
 
 Layout under DIR (formats of DESIGN section 3):
     coco_stuff/{images,stuffthingmaps}/train2017, coco_stuff/labels.txt    base classes only
-    imagenet/<wnid>/*.JPEG, imagenet_synsets.txt, imagenet_lemmas.txt      novel, object-centric
+    imagenet/<wnid>/*.JPEG, imagenet_synsets.txt, imagenet_lemmas.txt      novel, object-centric (over base
+                                                                            textures or clutter)
     ade/ADEChallengeData2016/{images,annotations}/{training,validation}, objectInfo150.txt
     toy_world.json                                                          manifest
 Every image is rendered from its own generator seeded by (seed, source, index), so the bytes
@@ -162,8 +163,11 @@ def render_scene(
     return _to_uint8(img), label
 
 
-def render_object(c: ToyClass, size: int, rng: np.random.Generator) -> np.ndarray:
-    """ImageNet-like image: one blob of class c over clutter. uint8 [size, size, 3]."""
+def render_object(
+    c: ToyClass, size: int, rng: np.random.Generator, background: ToyClass | None = None
+) -> np.ndarray:
+    """ImageNet-like image: one blob of class c over `background`'s texture (None: clutter that
+    belongs to no class). uint8 [size, size, 3]; the image's only label is c."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     cy, cx = size / 2 + rng.uniform(-size / 8, size / 8, 2)
     r0 = size * rng.uniform(0.25, 0.38)
@@ -172,7 +176,11 @@ def render_object(c: ToyClass, size: int, rng: np.random.Generator) -> np.ndarra
     for k in (3, 5):
         r = r * (1 + rng.uniform(-0.08, 0.08) * np.sin(k * ang + rng.uniform(0, 2 * np.pi)))
     inside = (np.hypot(y - cy, x - cx) < r)[..., None]
-    img = np.where(inside, render_texture(c, size, size, rng), render_clutter(size, size, rng))
+    if background is None:
+        behind = render_clutter(size, size, rng)
+    else:
+        behind = render_texture(background, size, size, rng)
+    img = np.where(inside, render_texture(c, size, size, rng), behind)
     return _to_uint8(img)
 
 
@@ -192,7 +200,12 @@ def _job(args: tuple) -> tuple[str, int, np.ndarray | None]:
     if kind == "imagenet":
         n_novel = sum(not c.base for c in table)
         c = [c for c in table if not c.base][i % n_novel]
-        img = render_object(c, size, rng)
+        # As on real ImageNet, the unlabelled background is mostly "stuff" the mask data
+        # covers (a base class); a background of no class would let the whole image stand
+        # for the label, a shortcut that fails in scenes.
+        base = [b for b in table if b.base]
+        bg = base[int(rng.integers(len(base)))] if rng.random() < 0.75 else None
+        img = render_object(c, size, rng, bg)
         _write_jpeg(out / "imagenet" / c.wnid / f"{c.wnid}_{i // n_novel:05d}.JPEG", img)
         return kind, i, None
     if kind == "coco":
