@@ -76,6 +76,7 @@ class SourceConfig:
     bg_threshold: float = 0.2  # CA background threshold (0.35 for ImageNet)
     names: str | None = None  # names file (ADE-847 table; ImageNet lemmas, default timm's)
     from_json: bool = False  # COCO-Stuff: read the stuff/instances JSONs instead of the PNGs
+    skip_missing: bool = False  # images without a label file (or the reverse): skip and count
 
     @property
     def supervision(self) -> str:

@@ -37,11 +37,11 @@ def build_data(recipe: Recipe) -> tuple[Vocabulary, dict[str, object], list[Sour
     """
     datasets = {}
     for s in recipe.data:
-        split = {"split": s.split} if s.split else {}
+        files = {"skip_missing": s.skip_missing} | ({"split": s.split} if s.split else {})
         jitter = dict(ratio_range=tuple(s.scale_range), photometric=s.photometric)
         if s.kind == "coco_stuff":
             aug = TrainAugment(crop_size=s.crop_size, **jitter)
-            datasets[s.name] = CocoStuff(s.root, transform=aug, from_json=s.from_json, **split)
+            datasets[s.name] = CocoStuff(s.root, transform=aug, from_json=s.from_json, **files)
         elif s.kind in ("ade150", "ade847", "wa150", "wa847"):
             weak = s.supervision == "image"
             datasets[s.name] = AdeTrain(
@@ -50,11 +50,13 @@ def build_data(recipe: Recipe) -> tuple[Vocabulary, dict[str, object], list[Sour
                 weak=weak,
                 names_file=s.names,
                 transform=TrainAugment(crop_size=s.crop_size, pad=not weak, **jitter),
-                **split,
+                **files,
             )
         else:  # imagenet_wds: class list = the shards' synsets (info.json)
             aug = TrainAugment(crop_size=s.crop_size, pad=False, **jitter)
-            datasets[s.name] = ImageNetShards(s.root, transform=aug)
+            datasets[s.name] = ImageNetShards(
+                s.root, transform=aug
+            )  # unreadable files: skipped when sharding
 
     vocab = Vocabulary(alias_file=recipe.vocab.alias_file)
     for s in sorted(recipe.data, key=lambda s: s.supervision != "mask"):

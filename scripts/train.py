@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
         vocab.save(run_dir / "vocab.json")
         writer = SummaryWriter(str(run_dir / "tb"))
         print(f"run folder {run_dir}: {len(vocab)} classes, sources {[s.name for s in sources]}")
+        for name, ds in datasets.items():
+            if getattr(ds, "n_skipped", 0):
+                print(f"source '{name}': {ds.n_skipped} files without a partner skipped")
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         if main_proc:
