@@ -140,7 +140,9 @@ class CAClassifier(nn.Module):
         return torch.einsum("dhw,d->hw", emb, m.to(emb.dtype))
 
     # ---- loss --------------------------------------------------------------------------
-    def _single_label_background(self, x: Tensor, lab: int, table: Tensor, scale: float) -> Tensor:
+    def _single_label_background(
+        self, x: Tensor, lab: int, table: Tensor, scale: float, threshold: float
+    ) -> Tensor:
         """Background rows for a single-label image: x [hw,d] detached, mu [C,d]."""
         k = min(self.bg_knn, table.shape[0])
         nn_rows = knn.search(x, table, k)  # [hw,k]
@@ -149,14 +151,21 @@ class CAClassifier(nn.Module):
         p = torch.zeros(x.shape[0], len(cand), device=x.device, dtype=prob.dtype)
         p.scatter_add_(1, col, prob)  # [hw, n_cand]: probability of each candidate per pixel
         top = p.topk(min(5, x.shape[0]), dim=0).values.mean(dim=0)
-        ok = (top > self.bg_threshold) & (cand != lab) & self.warm(cand)
+        ok = (top > threshold) & (cand != lab) & self.warm(cand)
         return cand[ok]
 
     def attention(
-        self, emb: Tensor, lab: int, others: list[int] | Tensor, table: Tensor, scale: float
+        self,
+        emb: Tensor,
+        lab: int,
+        others: list[int] | Tensor,
+        table: Tensor,
+        scale: float,
+        bg_threshold: float | None = None,
     ) -> Tensor:
         """A [h,w] for label lab of one image; emb [d,h,w] unit; others = the image's other
-        labels (empty for a single-label image, which then selects its background itself)."""
+        labels (empty for a single-label image, which then selects its background itself with
+        bg_threshold, default self.bg_threshold)."""
         with torch.no_grad():
             x = emb.detach()
             s_fg = self.similarity(x, lab)
@@ -164,8 +173,9 @@ class CAClassifier(nn.Module):
             if len(others):
                 bg = others[self.warm(others)]
             else:
+                threshold = self.bg_threshold if bg_threshold is None else bg_threshold
                 bg = self._single_label_background(
-                    x.reshape(x.shape[0], -1).T, lab, table.detach(), scale
+                    x.reshape(x.shape[0], -1).T, lab, table.detach(), scale, threshold
                 )
             if len(bg):
                 s_bg = torch.einsum("dhw,nd->hw", x, self.bank_mean(bg).to(x.dtype)) / len(bg)
@@ -181,6 +191,7 @@ class CAClassifier(nn.Module):
         table: Tensor,
         scale: float,
         k: int | None = None,
+        bg_threshold: float | None = None,
     ) -> Tensor:
         """CA loss over every (image, label) pair, then enqueue this batch.
 
@@ -190,6 +201,8 @@ class CAClassifier(nn.Module):
             table: mu [C,d].
             scale: s.
             k: negatives of the pooled CE (None = all classes outside the label set).
+            bg_threshold: single-label background threshold for this batch's source
+                (LarvSeg: 0.35 for ImageNet); None = the one given at construction.
         Returns:
             scalar: mean over pairs, cold pairs count 0; 0 (with grad) when nothing is warm.
         """
@@ -213,7 +226,7 @@ class CAClassifier(nn.Module):
             if not is_warm:
                 continue
             L = labels[b].reshape(-1).to(emb.device)
-            A = self.attention(emb[b], lab, L[L != lab], table, scale)
+            A = self.attention(emb[b], lab, L[L != lab], table, scale, bg_threshold)
             pooled.append((emb[b] * A).mean(dim=(1, 2)))
             target.append(lab)
             excluded.append(L)

@@ -90,8 +90,8 @@ def compute_losses(
                 cls = image_level_ce(x, labels, mu, p.scale, k=p.cls_k)
                 terms[f"cls/{src.name}"] = src.cls_weight * cls
             if src.ca_weight > 0 and ca is not None:
-                ca.bg_threshold = src.bg_threshold  # per source: 0.35 suits ImageNet
-                terms[f"ca/{src.name}"] = src.ca_weight * ca.loss(x, labels, mu, p.scale)
+                ca_loss = ca.loss(x, labels, mu, p.scale, bg_threshold=src.bg_threshold)
+                terms[f"ca/{src.name}"] = src.ca_weight * ca_loss
     if p.margin_weight > 0:
         terms["margin"] = p.margin_weight * margin_regularizer(mu, p.margin)
     terms["total"] = sum(terms.values())

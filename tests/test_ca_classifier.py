@@ -122,7 +122,7 @@ def test_single_label_background_selection():
     x[0, :, :3] = 1.0
     x[2, :, 3:5] = 1.0
     x[3, :, 5] = 1.0
-    bg = ca._single_label_background(x.reshape(d, -1).T, 0, mu, S)
+    bg = ca._single_label_background(x.reshape(d, -1).T, 0, mu, S, ca.bg_threshold)
     # naive: probability under softmax over each pixel's 3 nearest rows, top-5 mean > 0.2
     z = S * x.reshape(d, -1).T @ mu.T
     expect = []
@@ -136,6 +136,14 @@ def test_single_label_background_selection():
             expect.append(c)
     assert sorted(bg.tolist()) == expect
     assert 2 in expect and 3 not in expect and 0 not in expect and 1 not in expect
+    # the per-source threshold given to loss()/attention() is the one applied
+    assert ca._single_label_background(x.reshape(d, -1).T, 0, mu, S, 1.0).numel() == 0
+    A_default = ca.attention(x, 0, [], mu, S)
+    A_strict = ca.attention(x, 0, [], mu, S, bg_threshold=1.0)  # no background: S_bg = 1 - S_fg
+    fg = ca.similarity(x, 0)
+    diff = 2 * fg - 1
+    ref = torch.sigmoid((diff - diff.mean()) / (diff.std(correction=0) + 1e-5))
+    assert torch.allclose(A_strict, ref, atol=1e-6) and not torch.allclose(A_default, A_strict)
 
 
 def test_single_label_attention_uses_selected_background():
