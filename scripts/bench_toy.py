@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             done = [r for r in rows if r["steps"] == args.steps and r["seed"] in args.seeds]
             write_doc(done, args.doc, args.steps)
     rows = [r for r in rows if r["steps"] == args.steps and r["seed"] in args.seeds]
+    write_doc(rows, args.doc, args.steps)
     print(table(rows))
     print(f"wrote {result_file} and {args.doc}")
     return rows
