@@ -41,13 +41,12 @@ def export_model(
     """Write ``folder/model.pt`` and ``folder/vocab.json`` atomically (rename when complete)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    mu = table.state_dict()
     payload = {
         "format": FORMAT,
         "model_args": dict(model_args),
         "num_classes": len(vocab),
         "segmenter": {k: v.detach().cpu() for k, v in segmenter.state_dict().items()},
-        "table": {k: v.detach().cpu() for k, v in mu.items()},
+        "table": {k: v.detach().cpu() for k, v in table.state_dict().items()},
         "step": int(step),
     }
     tmp = folder / (MODEL_FILE + ".tmp")

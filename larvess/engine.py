@@ -99,8 +99,8 @@ def compute_losses(
 
 
 def subsample_labels(label: torch.Tensor, stride: int) -> torch.Tensor:
-    """[B,H,W] -> [B,ceil(H/stride),ceil(W/stride)]: the label at each cell's centre pixel
-    (nearest sampling never mixes classes or ignore into a new value)."""
+    """[B,H,W] -> [B,H',W'] with H' = ceil((H - stride // 2) / stride): the label at each
+    cell's centre pixel (nearest sampling never mixes classes or ignore into a new value)."""
     if stride == 1:
         return label
     o = stride // 2
@@ -157,9 +157,9 @@ def train(
     bad_steps_total: int = 0,
     on_checkpoint=None,
     writer=None,
-) -> int:
-    """Run optimiser steps start_step..loop.steps-1 (fewer with stop_after); returns the
-    number of steps skipped for a NaN/inf loss so far.
+) -> tuple[int, int]:
+    """Run optimiser steps start_step..loop.steps-1 (fewer with stop_after); returns (the step
+    reached, the number of steps skipped for a NaN/inf loss so far).
 
     on_checkpoint(folder, step) lets the caller add files (model export, vocabulary) to a
     checkpoint before it is marked complete.
@@ -229,7 +229,7 @@ def train(
                 accelerator, run_dir, done, bad_steps_total, loop.keep_ckpts, on_checkpoint
             )
     bar.close()
-    return bad_steps_total
+    return max(start_step, end), bad_steps_total
 
 
 def save_checkpoint(

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = Path(t.resume)
     if args.resume and ckpt is None:
         raise SystemExit(f"{run_dir}: --resume given but no complete checkpoint found")
-    start_step = read_state(ckpt)["step"] if ckpt else 0
-    bad_steps = read_state(ckpt)["bad_steps"] if ckpt else 0
+    state = read_state(ckpt) if ckpt else {"step": 0, "bad_steps": 0}
+    start_step, bad_steps = state["step"], state["bad_steps"]
 
     vocab, datasets, sources = build.build_data(recipe)
     segmenter, table, model_args = build.build_model(recipe, len(vocab))
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         unwrapped = accelerator.unwrap_model(net)
         export_model(folder, unwrapped.segmenter, unwrapped.table, model_args, vocab, step)
 
-    bad_steps = train(
+    step, bad_steps = train(
         accelerator,
         net,
         ca,
@@ -128,8 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
         on_checkpoint=on_checkpoint,
         writer=writer,
     )
-    finished = find_resume(run_dir)
-    step = read_state(finished)["step"] if finished else start_step
     if main_proc:
         writer.close()
         if step >= recipe.schedule.steps:
