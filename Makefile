@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := "torch===2.13.0" "torchvision==0.28.0"
 
-.PHONY: test demo lint format venv
+.PHONY: test test-quick demo lint format venv
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-quick: $(STAMP)  # the inner loop: everything but the multi-process / end-to-end runs
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

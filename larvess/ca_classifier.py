@@ -16,19 +16,23 @@ grid values, so we pool at the grid and skip the upsampling).
 
 Background classes S_bg for label l of an image with label set L:
 - |L| > 1: the other labels of the image whose bank is warm.
-- |L| = 1: classes b != l whose mean of the top-5 pixel scores exceeds ``bg_threshold``. The
-  pixel score of class b is its probability under ESS's kNN approximation: softmax of
-  s * x_p . mu over the pixel's ``bg_knn`` nearest rows (0 outside them). This keeps the
-  selection O(pixels x bg_knn) after one exact kNN search instead of scoring all C (21K) classes
-  per pixel; a class that is not among any pixel's nearest rows has negligible probability
-  everywhere and could not pass the threshold anyway.
-Only warm classes count as background; with none, S_bg = 1 - S_fg.
+- |L| = 1: as the official LarvSeg code (details and reference in ca_background.py): among the
+  candidate rows (the source's classes; ``candidates``), classes b != l whose mean of the top-5
+  raw cosine pixel scores x_p . mu_b exceeds ``bg_threshold`` (0.2; 0.35 ImageNet), that are
+  warm, and that pass the MSE filter (standardised S_fg and S_b differ by more than
+  ``bg_mse_threshold``: 1.0; 2.0 in the reference's ImageNet config).
+With none, S_bg = 1 - S_fg.
+
+Negatives of the pooled CE: the candidate rows outside the image's label set (all rows when
+``candidates`` is None), all of them (k=None) or the k nearest of the pooled embedding.
 
 Warm-up: the loss term of pair (image, l) is 0 until class l's ring has been filled ``warm_up``
 times (count >= warm_up * M, at least one enqueue); the loss is the mean over all pairs.
 
 Distributed: every enqueue batch is all-gathered (torch.distributed, when initialised) and
 applied in rank order, so all processes hold the identical bank.
+
+Precision: loss / enqueue / similarity / attention run under ``in_fp32`` (autocast off, fp32).
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from larvess import knn
-from larvess.losses import pooled_ce, zero_with_grad
+from larvess.ca_background import standardised_mse, top_score_mean
+from larvess.losses import in_fp32, pooled_ce, zero_with_grad
 
 __all__ = ["CAClassifier"]
 
@@ -53,8 +57,10 @@ class CAClassifier(nn.Module):
         bank_size: M slots per class.
         topk: K pixels averaged into one slot.
         warm_up: rings to fill before a class's loss term counts.
-        bg_threshold: single-label background threshold on the mean top-5 pixel probability.
-        bg_knn: nearest rows per pixel considered for the single-label background.
+        bg_threshold: single-label background threshold on the mean of the top-5 raw cosine
+            pixel scores (per call: ``loss(bg_threshold=...)``).
+        bg_mse_threshold: the reference's MSE filter threshold (per call as well).
+        bg_topk: pixels in that top-k mean (reference: 5).
     """
 
     def __init__(
@@ -65,7 +71,8 @@ class CAClassifier(nn.Module):
         topk: int = 20,
         warm_up: int = 1,
         bg_threshold: float = 0.2,
-        bg_knn: int = 10,
+        bg_mse_threshold: float = 1.0,
+        bg_topk: int = 5,
     ) -> None:
         super().__init__()
         if min(num_classes, dim, bank_size, topk) < 1 or warm_up < 0:
@@ -75,7 +82,8 @@ class CAClassifier(nn.Module):
             )
         self.num_classes, self.dim = num_classes, dim
         self.bank_size, self.topk, self.warm_up = bank_size, topk, warm_up
-        self.bg_threshold, self.bg_knn = bg_threshold, bg_knn
+        self.bg_threshold, self.bg_mse_threshold = bg_threshold, bg_mse_threshold
+        self.bg_topk = bg_topk
         self.register_buffer("bank", torch.zeros(num_classes, bank_size, dim))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
@@ -100,6 +108,7 @@ class CAClassifier(nn.Module):
         top = score.detach().reshape(-1).topk(min(self.topk, x.shape[1])).indices
         return F.normalize(x[:, top].T, dim=1).mean(dim=0)
 
+    @in_fp32
     def enqueue(self, emb: Tensor, score: Tensor, c: int) -> None:
         """Push the topk highest-``score`` pixels of one image as one slot of class c.
 
@@ -134,6 +143,7 @@ class CAClassifier(nn.Module):
         self.ptr[uniq] = (self.ptr[uniq] + n_c) % M
         self.count[uniq] += n_c
 
+    @in_fp32
     def similarity(self, emb: Tensor, c: int) -> Tensor:
         """S_fg [h,w]: mean cosine of each pixel of emb [d,h,w] (unit) to class c's ring."""
         m = self.bank_mean(torch.tensor([int(c)], device=self.bank.device))[0]
@@ -141,31 +151,47 @@ class CAClassifier(nn.Module):
 
     # ---- loss --------------------------------------------------------------------------
     def _single_label_background(
-        self, x: Tensor, lab: int, table: Tensor, scale: float, threshold: float
+        self,
+        x: Tensor,
+        lab: int,
+        table: Tensor,
+        threshold: float,
+        mse_threshold: float,
+        candidates: Tensor | None = None,
     ) -> Tensor:
-        """Background rows for a single-label image: x [hw,d] detached, mu [C,d]."""
-        k = min(self.bg_knn, table.shape[0])
-        nn_rows = knn.search(x, table, k)  # [hw,k]
-        prob = torch.softmax(scale * torch.bmm(table[nn_rows], x[:, :, None])[..., 0], dim=1)
-        cand, col = torch.unique(nn_rows, return_inverse=True)
-        p = torch.zeros(x.shape[0], len(cand), device=x.device, dtype=prob.dtype)
-        p.scatter_add_(1, col, prob)  # [hw, n_cand]: probability of each candidate per pixel
-        top = p.topk(min(5, x.shape[0]), dim=0).values.mean(dim=0)
-        ok = (top > threshold) & (cand != lab) & self.warm(cand)
-        return cand[ok]
+        """Background rows for a single-label image (see ca_background.py).
 
+        x [P,d] detached unit pixels, table mu [C,d], candidates LongTensor of rows (None = all).
+        """
+        rows = (
+            torch.arange(table.shape[0], device=table.device)
+            if candidates is None
+            else candidates.to(table.device)
+        )
+        top = top_score_mean(x, table, rows, self.bg_topk)
+        cand = rows[(top > threshold) & (rows != lab)]
+        cand = cand[self.warm(cand)]
+        if len(cand) == 0:
+            return cand
+        lab_t = torch.tensor([int(lab)], device=self.bank.device)
+        s_fg = x @ self.bank_mean(lab_t)[0].to(x.dtype)  # [P]
+        s_bg = x @ self.bank_mean(cand).to(x.dtype).T  # [P,n]
+        return cand[standardised_mse(s_fg, s_bg) > mse_threshold]
+
+    @in_fp32
     def attention(
         self,
         emb: Tensor,
         lab: int,
         others: list[int] | Tensor,
         table: Tensor,
-        scale: float,
         bg_threshold: float | None = None,
+        candidates: Tensor | None = None,
+        bg_mse_threshold: float | None = None,
     ) -> Tensor:
         """A [h,w] for label lab of one image; emb [d,h,w] unit; others = the image's other
-        labels (empty for a single-label image, which then selects its background itself with
-        bg_threshold, default self.bg_threshold)."""
+        labels (empty for a single-label image, which then selects its background among
+        ``candidates`` with bg_threshold / bg_mse_threshold, default the constructor's)."""
         with torch.no_grad():
             x = emb.detach()
             s_fg = self.similarity(x, lab)
@@ -173,9 +199,13 @@ class CAClassifier(nn.Module):
             if len(others):
                 bg = others[self.warm(others)]
             else:
-                threshold = self.bg_threshold if bg_threshold is None else bg_threshold
                 bg = self._single_label_background(
-                    x.reshape(x.shape[0], -1).T, lab, table.detach(), scale, threshold
+                    x.reshape(x.shape[0], -1).T,
+                    lab,
+                    table.detach(),
+                    self.bg_threshold if bg_threshold is None else bg_threshold,
+                    self.bg_mse_threshold if bg_mse_threshold is None else bg_mse_threshold,
+                    candidates,
                 )
             if len(bg):
                 s_bg = torch.einsum("dhw,nd->hw", x, self.bank_mean(bg).to(x.dtype)) / len(bg)
@@ -184,6 +214,7 @@ class CAClassifier(nn.Module):
             diff = s_fg - s_bg
             return torch.sigmoid((diff - diff.mean()) / (diff.std(correction=0) + 1e-5))
 
+    @in_fp32
     def loss(
         self,
         emb: Tensor,
@@ -192,17 +223,25 @@ class CAClassifier(nn.Module):
         scale: float,
         k: int | None = None,
         bg_threshold: float | None = None,
+        candidates: Tensor | None = None,
+        bg_mse_threshold: float | None = None,
     ) -> Tensor:
         """CA loss over every (image, label) pair, then enqueue this batch.
 
         Args:
             emb: x [B,d,h,w] unit embeddings at the feature grid (with gradient).
-            labels: B LongTensors of unique rows.
-            table: mu [C,d].
+            labels: B LongTensors of unique rows (global ids).
+            table: mu [C,d], the full table (the bank is indexed by its rows).
             scale: s.
-            k: negatives of the pooled CE (None = all classes outside the label set).
+            k: negatives of the pooled CE: the target plus its k nearest candidate rows outside
+                the label set (None = all of them; too many at 21K classes).
             bg_threshold: single-label background threshold for this batch's source
                 (LarvSeg: 0.35 for ImageNet); None = the one given at construction.
+            candidates: LongTensor of global rows of this batch's source: the only rows that can
+                be single-label background classes or negatives of the pooled CE (None = all).
+                Every label must be among them.
+            bg_mse_threshold: the MSE filter's threshold for this source (reference ImageNet
+                config: 2.0); None = the one given at construction.
         Returns:
             scalar: mean over pairs, cold pairs count 0; 0 (with grad) when nothing is warm.
         """
@@ -215,6 +254,18 @@ class CAClassifier(nn.Module):
         for b, lab in pairs:
             if not 0 <= lab < self.num_classes:
                 raise ValueError(f"image {b}: label {lab} outside [0, {self.num_classes})")
+        local = None
+        if candidates is not None:
+            candidates = candidates.reshape(-1).to(table.device).long()
+            if len(candidates) and (
+                int(candidates.min()) < 0 or int(candidates.max()) >= len(table)
+            ):
+                raise ValueError(f"candidates outside the table's rows [0, {len(table)})")
+            local = torch.full((len(table),), -1, dtype=torch.long, device=table.device)
+            local[candidates] = torch.arange(len(candidates), device=table.device)
+            missing = [lab for _, lab in pairs if int(local[lab]) < 0]
+            if missing:
+                raise ValueError(f"labels {sorted(set(missing))} are not among the candidates")
         if not pairs:
             # still take part in the all-gather: the other processes may have pairs to push
             self._push(emb.new_zeros(0, emb.shape[1]), torch.zeros(0, dtype=torch.long))
@@ -226,19 +277,22 @@ class CAClassifier(nn.Module):
             if not is_warm:
                 continue
             L = labels[b].reshape(-1).to(emb.device)
-            A = self.attention(emb[b], lab, L[L != lab], table, scale, bg_threshold)
+            A = self.attention(
+                emb[b], lab, L[L != lab], table, bg_threshold, candidates, bg_mse_threshold
+            )
             pooled.append((emb[b] * A).mean(dim=(1, 2)))
             target.append(lab)
             excluded.append(L)
         if pooled:
-            per_pair = pooled_ce(
-                torch.stack(pooled),
-                torch.tensor(target, device=emb.device),
-                excluded,
-                table,
-                scale,
-                k=k,
-            )
+            tgt = torch.tensor(target, device=table.device)
+            if local is None:
+                rows_table = table
+            else:  # restrict to the source's rows: local ids into table[candidates]
+                rows_table = table[candidates]
+                tgt = local[tgt]
+                excluded = [local[L.to(table.device)] for L in excluded]
+                excluded = [e[e >= 0] for e in excluded]
+            per_pair = pooled_ce(torch.stack(pooled), tgt, excluded, rows_table, scale, k=k)
             out = per_pair.sum() / len(pairs)
         else:
             out = zero_with_grad(emb, table)
@@ -246,7 +300,9 @@ class CAClassifier(nn.Module):
         with torch.no_grad():
             mu = table.detach()
             slots = [
-                self._slot(emb[b], torch.einsum("dhw,d->hw", emb[b].detach(), mu[lab]))
+                self._slot(
+                    emb[b], torch.einsum("dhw,d->hw", emb[b].detach(), mu[lab].to(emb.dtype))
+                )
                 for b, lab in pairs
             ]
             self._push(torch.stack(slots), cls)

@@ -1,13 +1,22 @@
-"""Self-contained model export that eval and predict load without the recipe.
+"""Every checkpoint path rule: save, newest complete, resume state, model export and load.
 
-A training checkpoint folder (accelerate ``save_state``) also holds ``model.pt`` and
-``vocab.json``; the run folder holds the final pair. ``model.pt`` stores the Segmenter's
-constructor arguments, so loading needs no recipe and no download.
+Layout of a run folder::
+
+    runs/<name>/recipe.yaml, git.txt, vocab.json, tb/
+    runs/<name>/checkpoints/step_00001000/   accelerate save_state + model.pt + vocab.json
+                                             + trainer_state.json (written last: "complete")
+    runs/<name>/model.pt, vocab.json         the final export
+
+A checkpoint is written into ``.tmp_step_*`` and renamed when complete, so a killed job never
+leaves a half checkpoint that looks finished. ``model.pt`` stores the Segmenter's constructor
+arguments, so loading needs no recipe and no download.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +28,62 @@ from larvess.vocab import Vocabulary
 MODEL_FILE = "model.pt"
 VOCAB_FILE = "vocab.json"
 FORMAT = "larvess-model-1"
+STATE_FILE = "trainer_state.json"
+CKPT_DIR = "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run (their state file is written last), oldest first."""
+    done = [p.parent for p in (Path(run_dir) / CKPT_DIR).glob(f"step_*/{STATE_FILE}")]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def find_resume(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def read_state(ckpt: str | Path) -> dict:
+    """Trainer state of a checkpoint: {"step", "bad_steps"}; errors name the file."""
+    path = Path(ckpt) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+    return json.loads(path.read_text())
+
+
+def run_dir_of(model_file: str | Path) -> Path:
+    """The run folder of a model.pt: its folder, or the run above checkpoints/step_*/."""
+    folder = Path(model_file).resolve().parent
+    return folder.parent.parent if folder.parent.name == CKPT_DIR else folder
+
+
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, bad_steps: int, keep: int, on_checkpoint
+):
+    """accelerate save_state into a temp folder, renamed when complete; keeps the newest `keep`.
+
+    on_checkpoint(folder, step) adds files (model export, vocabulary) before the folder is
+    marked complete. Every process calls this; only the main one writes outside save_state.
+    """
+    ckpt_root = Path(run_dir) / CKPT_DIR
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if on_checkpoint is not None:
+            on_checkpoint(tmp, step)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "bad_steps": bad_steps}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 @dataclass
@@ -63,9 +128,9 @@ def find_model_file(path: str | Path) -> Path:
         return path
     if (path / MODEL_FILE).is_file():
         return path / MODEL_FILE
-    ckpts = sorted((path / "checkpoints").glob(f"step_*/{MODEL_FILE}"))
+    ckpts = [c for c in complete_checkpoints(path) if (c / MODEL_FILE).is_file()]
     if ckpts:
-        return ckpts[-1]
+        return ckpts[-1] / MODEL_FILE
     raise FileNotFoundError(
         f"{path}: no {MODEL_FILE} here, in it, or under its checkpoints/ folder "
         "(pass a run folder, a checkpoint folder or a model.pt file)"

@@ -43,6 +43,7 @@ class ModelConfig:
     img_size: int = 512
     dim: int = 64  # embedding size d; ESS used 7-12 for <= 1284 classes, 64 suits 21K
     pretrained_file: str | None = None  # local weights only; nothing is downloaded
+    drop_path: float = 0.1  # stochastic depth of the backbone (LarvSeg 0.1)
 
 
 @dataclass
@@ -57,6 +58,16 @@ class LossConfig:
     ca_bank_size: int = 20  # M
     ca_topk: int = 20  # K
     ca_warm_up: int = 1
+    # LarvSeg scores each dataset against its own classes only (cls_emb[cls_index]); "all"
+    # searches negatives in the whole table
+    negatives: str = "source"  # source | all
+    # batch_mean: each source's loss x its share of the global batch (LarvSeg's DDP average
+    # over one-dataset GPU groups); sum: plain sum of the per-source losses
+    combine: str = "batch_mean"  # batch_mean | sum
+    knn_backend: str = "auto"  # auto | torch | faiss (GPU index when faiss has GPU support)
+    pc2_weight: float = 0.0  # PC2Seg pixel-contrastive term on image-labelled sources; 0 = off
+    pc2_negatives: int = 200  # sampled negative pixels per anchor (PC2Seg)
+    pc2_tau: float = 0.1  # PC2Seg temperature
 
 
 @dataclass
@@ -65,7 +76,7 @@ class SourceConfig:
     kind: str = "coco_stuff"
     root: str = ""
     split: str = ""  # empty = the kind's training split
-    batch_size: int = 8
+    batch_size: int = 8  # global: train.py divides it over the processes
     crop_size: int = 512
     num_workers: int = 2
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # resize ratio jitter
@@ -77,6 +88,8 @@ class SourceConfig:
     names: str | None = None  # names file (ADE-847 table; ImageNet lemmas, default timm's)
     from_json: bool = False  # COCO-Stuff: read the stuff/instances JSONs instead of the PNGs
     skip_missing: bool = False  # images without a label file (or the reverse): skip and count
+    label_format: str | None = None  # COCO-Stuff PNG ids: raw182 | trainid171 | null = from layout
+    base_scale: list[int] | None = None  # resize base (long, short); null = (4 crop, crop)
 
     @property
     def supervision(self) -> str:
@@ -96,7 +109,7 @@ class OptimConfig:
     momentum: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
-    backbone_lr_mult: float = 0.1  # ESS: backbone at a tenth of the head's lr
+    backbone_lr_mult: float = 1.0  # LarvSeg 1; ESS trains the backbone at 0.1
     table_lr_mult: float = 1.0
     table_momentum: float = 0.95  # ESS: class table momentum
     grad_clip: float = 0.0  # 0 = off
@@ -238,6 +251,14 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     _check(lo.ca_bank_size >= 1, src, "loss.ca_bank_size", lo.ca_bank_size, "must be >= 1")
     _check(lo.ca_topk >= 1, src, "loss.ca_topk", lo.ca_topk, "must be >= 1")
     _check(lo.ca_warm_up >= 0, src, "loss.ca_warm_up", lo.ca_warm_up, "must be >= 0")
+    _check(lo.negatives in ("source", "all"), src, "loss.negatives", lo.negatives, "source/all")
+    _check(lo.combine in ("batch_mean", "sum"), src, "loss.combine", lo.combine, "batch_mean/sum")
+    ok = lo.knn_backend in ("auto", "torch", "faiss")
+    _check(ok, src, "loss.knn_backend", lo.knn_backend, "one of auto, torch, faiss")
+    _check(lo.pc2_weight >= 0, src, "loss.pc2_weight", lo.pc2_weight, "must be >= 0")
+    _check(lo.pc2_negatives >= 1, src, "loss.pc2_negatives", lo.pc2_negatives, "must be >= 1")
+    _check(lo.pc2_tau > 0, src, "loss.pc2_tau", lo.pc2_tau, "must be > 0")
+    _check(0 <= m.drop_path < 1, src, "model.drop_path", m.drop_path, "must be in [0, 1)")
     _check(len(recipe.data) >= 1, src, "data", recipe.data, "at least one source is needed")
     seen = set()
     for i, d in enumerate(recipe.data):
@@ -252,6 +273,10 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
         lo_hi = d.scale_range
         ok = len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1]
         _check(ok, src, f"{key}.scale_range", lo_hi, "two ratios 0 < low <= high")
+        ok = d.label_format in (None, "raw182", "trainid171")
+        _check(ok, src, f"{key}.label_format", d.label_format, "raw182, trainid171 or null")
+        ok = d.base_scale is None or (len(d.base_scale) == 2 and min(d.base_scale) >= 1)
+        _check(ok, src, f"{key}.base_scale", d.base_scale, "two sizes (long, short) or null")
         _check(d.num_workers >= 0, src, f"{key}.num_workers", d.num_workers, "must be >= 0")
         for w in ("seg_weight", "cls_weight", "ca_weight"):
             _check(getattr(d, w) >= 0, src, f"{key}.{w}", getattr(d, w), "must be >= 0")

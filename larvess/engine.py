@@ -1,27 +1,28 @@
-"""The train loop: one batch per source per step, weighted ESS + LarvSeg losses, checkpoints.
+"""The train loop and the loss composition: one batch per source per step, ESS + LarvSeg terms.
 
-Everything arrives built (accelerator, model, optimiser, batches); nothing here reads a recipe.
+Everything arrives built (accelerator, model, optimiser, batches, CA bank) with the recipe's
+loss and train sections; nothing here reads a whole recipe. Checkpoint files: checkpoint.py.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 from tqdm import tqdm
 
 from larvess.ca_classifier import CAClassifier
+from larvess.checkpoint import save_checkpoint
+from larvess.config import LossConfig, SourceConfig, TrainConfig
+from larvess.data.transforms import photometric_view
 from larvess.losses import image_level_ce, knn_sampled_ce, margin_regularizer
 from larvess.model import ClassTable, Segmenter, upsample_embeddings
-
-STATE_FILE = "trainer_state.json"
+from larvess.pc2seg import pixel_contrastive_loss
 
 
 class Net(nn.Module):
@@ -41,59 +42,76 @@ class Net(nn.Module):
         return [self.segmenter(im) for im in images], self.table()
 
 
-@dataclass
-class SourceLoss:
-    """How one source's batch becomes loss terms (weights 0 switch a term off)."""
+def source_shares(sources: list[SourceConfig], combine: str) -> list[float]:
+    """Weight of each source's loss in the total.
 
-    name: str
-    supervision: str  # "mask" | "image"
-    seg_weight: float = 1.0
-    cls_weight: float = 0.0
-    ca_weight: float = 0.0
-    bg_threshold: float = 0.2
+    "batch_mean" is LarvSeg's objective: one dataset per GPU group and DDP's gradient average
+    weigh each dataset's loss by its share of the GPUs = its share of the global batch (C171 :
+    WA : IN on 3 : 3 : 2 GPUs -> 3/8 : 3/8 : 2/8). "sum" adds the per-source losses.
+    """
+    if combine == "sum":
+        return [1.0] * len(sources)
+    total = sum(s.batch_size for s in sources)
+    return [s.batch_size / total for s in sources]
 
 
-@dataclass
-class LossParams:
-    k: int = 8
-    scale: float = 40.0
-    share_negatives: bool = False
-    margin: float = 0.2
-    margin_weight: float = 1.0
-    cls_k: int | None = None
-    label_stride: int = 1
+def to_local(rows: Tensor, labels: Tensor) -> Tensor:
+    """Vocabulary rows -> indices into ``rows`` (-1 stays -1): a source's own label space."""
+    lookup = torch.full((int(rows.max()) + 2,), -1, dtype=torch.long, device=labels.device)
+    lookup[rows.to(labels.device)] = torch.arange(len(rows), device=labels.device)
+    return torch.where(labels >= 0, lookup[labels.clamp(min=0, max=len(lookup) - 1)], labels)
 
 
 def compute_losses(
-    xs: list[torch.Tensor],
-    mu: torch.Tensor,
+    xs: list[Tensor],
+    mu: Tensor,
     batches: list[dict],
-    sources: list[SourceLoss],
+    sources: list[SourceConfig],
+    source_rows: list[Tensor],
     ca: CAClassifier | None,
-    p: LossParams,
-) -> dict[str, torch.Tensor]:
+    lo: LossConfig,
+    views: list[Tensor | None] | None = None,
+) -> dict[str, Tensor]:
     """Weighted loss terms of one step; 'total' is their sum.
 
-    xs: per source [B,d,h,w] embeddings at the feature grid; mu: [C,d] normalised rows.
+    xs: per source x [B,d,h,w] at the feature grid; mu: [C,d] unit rows; source_rows: per
+    source LongTensor of its vocabulary rows (negatives come from them with
+    lo.negatives == "source", LarvSeg's ``cls_emb[cls_index]``); views: per source the second
+    view's embeddings for the PC2 term (None where absent).
     """
-    terms: dict[str, torch.Tensor] = {}
-    for x, batch, src in zip(xs, batches, sources):
+    terms: dict[str, Tensor] = {}
+    shares = source_shares(sources, lo.combine)
+    views = views or [None] * len(sources)
+    for x, batch, src, rows, share, x2 in zip(xs, batches, sources, source_rows, shares, views):
+        own = lo.negatives == "source"
+        mu_s = mu[rows] if own else mu  # gradients flow back to the gathered rows
         if src.supervision == "mask":
-            target = subsample_labels(batch["label"], p.label_stride)
+            target = subsample_labels(batch["label"], lo.label_stride)
+            target = to_local(rows, target) if own else target
             x_up = upsample_embeddings(x, target.shape[-2:])
-            grid = x if p.share_negatives else None
-            seg = knn_sampled_ce(x_up, target, mu, p.k, p.scale, ignore_index=-1, grid=grid)
-            terms[f"seg/{src.name}"] = src.seg_weight * seg
-        else:
-            labels = batch["labels"]
-            if src.cls_weight > 0:
-                cls = image_level_ce(x, labels, mu, p.scale, k=p.cls_k)
-                terms[f"cls/{src.name}"] = src.cls_weight * cls
-            if src.ca_weight > 0 and ca is not None:
-                ca_loss = ca.loss(x, labels, mu, p.scale, bg_threshold=src.bg_threshold)
-                terms[f"ca/{src.name}"] = src.ca_weight * ca_loss
-    if p.margin_weight > 0:
-        terms["margin"] = p.margin_weight * margin_regularizer(mu, p.margin)
+            grid = x if lo.share_negatives else None
+            seg = knn_sampled_ce(
+                x_up, target, mu_s, lo.k, lo.scale, ignore_index=-1, grid=grid,
+                backend=lo.knn_backend,
+            )  # fmt: skip
+            terms[f"seg/{src.name}"] = share * src.seg_weight * seg
+            continue
+        labels = batch["labels"]
+        if src.cls_weight > 0:
+            local = [to_local(rows, L) for L in labels] if own else labels
+            cls = image_level_ce(x, local, mu_s, lo.scale, k=lo.cls_k, backend=lo.knn_backend)
+            terms[f"cls/{src.name}"] = share * src.cls_weight * cls
+        if src.ca_weight > 0 and ca is not None:
+            ca_loss = ca.loss(
+                x, labels, mu, lo.scale, k=lo.cls_k, bg_threshold=src.bg_threshold,
+                candidates=rows if own else None,
+            )  # fmt: skip
+            terms[f"ca/{src.name}"] = share * src.ca_weight * ca_loss
+        if lo.pc2_weight > 0 and x2 is not None:
+            pc2 = pixel_contrastive_loss(x, x2, num_negatives=lo.pc2_negatives, tau=lo.pc2_tau)
+            terms[f"pc2/{src.name}"] = share * lo.pc2_weight * pc2
+    if lo.margin_weight > 0:
+        terms["margin"] = lo.margin_weight * margin_regularizer(mu, lo.margin)
     terms["total"] = sum(terms.values())
     return terms
 
@@ -107,37 +125,6 @@ def subsample_labels(label: torch.Tensor, stride: int) -> torch.Tensor:
     return label[:, o::stride, o::stride]
 
 
-def poly_factor(step: int, total: int, power: float, warmup: int, base_lr: float, min_lr: float):
-    """Multiplier on base_lr: linear warm-up, then poly decay to the floor min_lr."""
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    lr = (base_lr - min_lr) * (1 - frac) ** power + min_lr
-    return lr / base_lr
-
-
-def find_resume(run_dir: Path) -> Path | None:
-    """Newest complete checkpoint (its state file is written last) or None."""
-    done = [p.parent for p in (run_dir / "checkpoints").glob(f"step_*/{STATE_FILE}")]
-    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
-
-
-def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / STATE_FILE).read_text())
-
-
-@dataclass
-class LoopParams:
-    steps: int
-    grad_accum: int = 1
-    grad_clip: float = 0.0
-    log_every: int = 20
-    ckpt_every: int = 2000
-    keep_ckpts: int = 3
-    max_bad_steps: int = 20
-    stop_after: int = 0  # >0: stop (with a checkpoint) after this many steps of this call
-
-
 class TooManyBadSteps(RuntimeError):
     pass
 
@@ -149,16 +136,19 @@ def train(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterator[dict[str, dict]],
-    sources: list[SourceLoss],
-    loss_params: LossParams,
-    loop: LoopParams,
+    sources: list[SourceConfig],
+    source_rows: list[Tensor],
+    lo: LossConfig,
+    tc: TrainConfig,
+    steps: int,
+    grad_clip: float,
     run_dir: Path,
     start_step: int = 0,
     bad_steps_total: int = 0,
     on_checkpoint=None,
     writer=None,
 ) -> tuple[int, int]:
-    """Run optimiser steps start_step..loop.steps-1 (fewer with stop_after); returns (the step
+    """Run optimiser steps start_step..steps-1 (fewer with tc.stop_after); returns (the step
     reached, the number of steps skipped for a NaN/inf loss so far).
 
     on_checkpoint(folder, step) lets the caller add files (model export, vocabulary) to a
@@ -166,32 +156,42 @@ def train(
     """
     device = accelerator.device
     main = accelerator.is_main_process
-    bar = tqdm(total=loop.steps, initial=start_step, disable=not main, desc="train", unit="step")
+    bar = tqdm(total=steps, initial=start_step, disable=not main, desc="train", unit="step")
     consecutive_bad, t_last, seen = 0, time.time(), 0
+    rows = [r.to(device) for r in source_rows]
+    pc2 = [lo.pc2_weight > 0 and s.supervision == "image" for s in sources]
     net.train()
-    end = loop.steps if loop.stop_after <= 0 else min(loop.steps, start_step + loop.stop_after)
+    end = steps if tc.stop_after <= 0 else min(steps, start_step + tc.stop_after)
     for step in range(start_step, end):
         optimizer.zero_grad(set_to_none=True)
         bad = False
-        for micro in range(loop.grad_accum):
+        for micro in range(tc.grad_accum):
+            # -- data: one batch of every source; PC2 adds a photometric second view
             step_batch = next(batches)
             batch_list = [_to_device(step_batch[s.name], device) for s in sources]
             seen += sum(b["image"].shape[0] for b in batch_list)
-            last = micro == loop.grad_accum - 1
+            images = [b["image"] for b in batch_list]
+            images += [photometric_view(b["image"]) for b, on in zip(batch_list, pc2) if on]
+            last = micro == tc.grad_accum - 1
             ctx = accelerator.no_sync(net) if not last else nullcontext()
+            # -- forward under autocast; the loss math itself runs in fp32 (losses.py)
             with ctx, accelerator.autocast():
-                xs, mu = net([b["image"] for b in batch_list])
+                xs, mu = net(images)
+                it = iter(xs[len(sources) :])
+                views = [next(it).float() if on else None for on in pc2]
                 terms = compute_losses(
-                    [x.float() for x in xs], mu.float(), batch_list, sources, ca, loss_params
-                )
-            # Every process must agree to skip, or DDP's gradient all-reduce would hang.
+                    [x.float() for x in xs[: len(sources)]], mu.float(), batch_list, sources,
+                    rows, ca, lo, views,
+                )  # fmt: skip
+            # -- every process must agree to skip, or DDP's gradient all-reduce would hang
             if not _all_finite(accelerator, terms["total"]):
                 bad = True
                 break
             with ctx:
-                accelerator.backward(terms["total"] / loop.grad_accum)
+                accelerator.backward(terms["total"] / tc.grad_accum)
+        # -- optimiser step (or a counted skip)
         if not bad:
-            max_norm = loop.grad_clip if loop.grad_clip > 0 else float("inf")
+            max_norm = grad_clip if grad_clip > 0 else float("inf")
             norm = accelerator.clip_grad_norm_(net.parameters(), max_norm)
             bad = not _all_finite(accelerator, torch.as_tensor(norm, device=device))
         if bad:
@@ -200,7 +200,7 @@ def train(
             bad_steps_total += 1
             if main and writer is not None:
                 writer.add_scalar("train/bad_steps", bad_steps_total, step)
-            if consecutive_bad >= loop.max_bad_steps:
+            if consecutive_bad >= tc.max_bad_steps:
                 raise TooManyBadSteps(
                     f"{consecutive_bad} consecutive steps had a NaN/inf loss or gradient "
                     f"(last at step {step}); lower optim.lr or enable optim.grad_clip"
@@ -211,12 +211,14 @@ def train(
         scheduler.step()
         done = step + 1
         bar.update(1)
-        if main and (done % loop.log_every == 0 or done == loop.steps):
+        # -- logging (main process only)
+        if main and (done % tc.log_every == 0 or done == steps):
             rate = seen * accelerator.num_processes / max(1e-9, time.time() - t_last)
             t_last, seen = time.time(), 0
             logs = {k: float(v.detach()) for k, v in terms.items()} if not bad else {}
             lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{logs.get('total', float('nan')):.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{logs.get('total', float('nan')):.3f}", lr=f"{lr:.2e}",
+                            img_s=f"{rate:.0f}")  # fmt: skip
             if writer is not None:
                 for k, v in logs.items():
                     writer.add_scalar(f"loss/{k}", v, done)
@@ -224,37 +226,13 @@ def train(
                     writer.add_scalar(f"lr/{g.get('name', i)}", g["lr"], done)
                 writer.add_scalar("speed/images_per_s", rate, done)
                 writer.add_scalar("memory/gb", _memory_gb(device), done)
-        if done % loop.ckpt_every == 0 or done == end:
+        # -- checkpoint (every process takes part in save_state)
+        if done % tc.ckpt_every == 0 or done == end:
             save_checkpoint(
-                accelerator, run_dir, done, bad_steps_total, loop.keep_ckpts, on_checkpoint
+                accelerator, run_dir, done, bad_steps_total, tc.keep_ckpts, on_checkpoint
             )
     bar.close()
     return max(start_step, end), bad_steps_total
-
-
-def save_checkpoint(
-    accelerator, run_dir: Path, step: int, bad_steps: int, keep: int, on_checkpoint
-):
-    """accelerate save_state into a temp folder, renamed when complete; keeps the newest `keep`."""
-    ckpt_root = run_dir / "checkpoints"
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if on_checkpoint is not None:
-            on_checkpoint(tmp, step)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "bad_steps": bad_steps}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        done = sorted(p for p in ckpt_root.glob("step_*") if (p / STATE_FILE).is_file())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def _all_finite(accelerator, value: torch.Tensor) -> bool:
@@ -280,7 +258,3 @@ def _memory_gb(device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def lr_lambda(total: int, power: float, warmup: int, base_lr: float, min_lr: float):
-    return lambda step: poly_factor(step, total, power, warmup, base_lr, min_lr)

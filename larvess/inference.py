@@ -32,7 +32,7 @@ from tqdm import tqdm
 from larvess.data.transforms import normalize
 from larvess.model import upsample_embeddings
 
-Segmenter = Callable[[torch.Tensor], torch.Tensor]
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]  # images [b,3,H,W] -> x [b,d,h,w] (a Segmenter)
 
 
 def preprocess(image: np.ndarray | Image.Image) -> torch.Tensor:
@@ -75,7 +75,7 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return [min(i * stride, length - window) for i in range(n)]
 
 
-def _default_device(segmenter: Segmenter) -> torch.device:
+def _default_device(segmenter: EmbedFn) -> torch.device:
     if isinstance(segmenter, torch.nn.Module):
         for p in segmenter.parameters():
             return p.device
@@ -84,7 +84,7 @@ def _default_device(segmenter: Segmenter) -> torch.device:
 
 @torch.no_grad()
 def slide_embeddings(
-    segmenter: Segmenter,
+    segmenter: EmbedFn,
     img: torch.Tensor,
     window: int = 512,
     stride: int = 512,
@@ -189,7 +189,7 @@ def classify_embeddings(
 
 
 def slide_inference(
-    segmenter: Segmenter,
+    segmenter: EmbedFn,
     rows_mu: torch.Tensor,
     image: np.ndarray | Image.Image | torch.Tensor,
     window: int = 512,

@@ -1,26 +1,47 @@
-"""Exact maximum-inner-product k-nearest-neighbour search (no gradient).
+"""Exact maximum-inner-product k-nearest-neighbour search (no gradient), and the helpers every
+loss shares: fp32 math under autocast, and chunk sizes taken from the device.
 
 For unit vectors the largest inner product is the smallest L2 distance, so this is the search
 ESS needs (eq. 6) for pixels against the class table, and for the table against itself (eq. 7).
 
 Backends:
-    "torch": blocked matmul + running top-k; peak extra memory is one block of
-             ``_BLOCK_ELEMS`` scores whatever N and C are.
-    "faiss": ``IndexFlatIP`` (exact); on GPU when the faiss build has GPU support and the
-             tensors are on CUDA, on CPU otherwise.
+    "torch": blocked matmul + running top-k. One block of scores is ``block_elems`` elements:
+             ``_BLOCK_ELEMS`` (16 MiB) on the CPU; on CUDA a fraction of the device's free
+             memory, so a GPU step issues a handful of matmuls instead of thousands.
+    "faiss": ``IndexFlatIP`` (exact). On CUDA tensors a ``GpuIndexFlatIP`` when the faiss build
+             has GPU support; else it falls back to "torch" with a warning (a host round trip
+             through a CPU index is never faster than the GPU matmul). The index objects (and the
+             GPU resources) stay resident between calls and are re-filled each call, since the
+             table changes every step.
     "auto":  the faster of the two for the device and size (see ``_pick_backend``).
+
+Precision. ``in_fp32`` (a decorator) / ``fp32_math`` (a context) turn autocast off for the
+tensors' device types and cast float16/bfloat16 inputs to float32; float64 stays float64.
+Every public loss in losses.py, ca_classifier.py and pc2seg.py and ``search`` itself run under
+it: under bf16 autocast the top-k of bf16 scores changes a sizeable share of neighbour sets
+(bf16 keeps 8 mantissa bits; cosines of nearby classes differ by less than that). The helper
+lives here, the lowest module, so that losses.py (which re-exports it) can import it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
+
 import torch
 from torch import Tensor
 
-__all__ = ["search", "available_backends"]
+__all__ = ["search", "available_backends", "block_elems", "in_fp32", "fp32_math"]
 
-# One block of scores: 2**22 floats = 16 MiB in float32. Big enough that the matmul dominates
-# the per-block overhead, small enough to be negligible next to the activations of a batch.
+# One block of scores on the CPU: 2**22 floats = 16 MiB in float32. Big enough that the matmul
+# dominates the per-block overhead, small enough to be negligible next to a batch's activations.
 _BLOCK_ELEMS = 1 << 22
+# On CUDA: this fraction of the free memory for one block (scores of the search; the gather
+# chunks in losses.py take their own fraction). Never above 2**31 - 1 elements (int32 indexing
+# limits of some kernels).
+_GPU_FRACTION = 0.25
+_MAX_ELEMS = (1 << 31) - 1
 
 try:  # faiss is a project dependency, but keep the torch path usable without it
     import faiss  # type: ignore
@@ -32,20 +53,84 @@ except ImportError:  # pragma: no cover - exercised only in environments without
     _HAS_FAISS = False
     _FAISS_GPU = False
 
-_GPU_RES = None
+_GPU_RES = None  # faiss.StandardGpuResources, created once
+_INDEXES: dict = {}  # (device, d) -> resident faiss index, reset and re-filled every call
+_WARNED: set = set()
+
+_LOW = (torch.float16, torch.bfloat16)
 
 
+# ---- fp32 math -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def fp32_math(*tensors: object):
+    """Autocast off for "cpu" and for the device types of ``tensors`` (non-tensors ignored)."""
+    types = {"cpu"} | {t.device.type for t in tensors if isinstance(t, Tensor)}
+    with contextlib.ExitStack() as stack:
+        for dev in sorted(types):
+            try:
+                stack.enter_context(torch.autocast(dev, enabled=False))
+            except (RuntimeError, ValueError):  # a device type autocast does not know
+                pass
+        yield
+
+
+def _fp32(t: object) -> object:
+    return t.float() if isinstance(t, Tensor) and t.dtype in _LOW else t
+
+
+def in_fp32(fn):
+    """Decorator: run ``fn`` with autocast off and float16/bfloat16 tensor arguments cast to
+    float32 (the cast is differentiable: gradients reach the low-precision inputs)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with fp32_math(*args, *kwargs.values()):
+            return fn(*map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+# ---- chunk sizes from the device -------------------------------------------------------------
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, counting PyTorch's cached-but-unused blocks; None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(0, int(cached))
+
+
+def block_elems(
+    device: torch.device, cpu_elems: int, fraction: float = _GPU_FRACTION, elem_bytes: int = 4
+) -> int:
+    """Elements one temporary block may hold: ``cpu_elems`` off CUDA; on CUDA ``fraction`` of
+    the free memory (``free_bytes``) in ``elem_bytes`` units, at least ``cpu_elems`` and at most
+    2**31 - 1."""
+    free = free_bytes(device)
+    if free is None:
+        return cpu_elems
+    return int(min(_MAX_ELEMS, max(cpu_elems, int(fraction * free) // max(1, elem_bytes))))
+
+
+# ---- backends --------------------------------------------------------------------------------
 def available_backends() -> list[str]:
     """Backends usable in this environment ("auto" always is)."""
     return ["torch"] + (["faiss"] if _HAS_FAISS else [])
 
 
+def _search_plan(n: int, c: int, k: int, block: int) -> tuple[int, int]:
+    """(query chunk, class chunk) so that one [q_chunk, c_chunk] block of scores holds about
+    ``block`` elements. Class chunks bound the memory when C is huge; query chunks when N is."""
+    c_chunk = min(c, max(k, block // max(1, min(n, 4096))))
+    return max(1, block // c_chunk), c_chunk
+
+
 def _search_torch(queries: Tensor, table: Tensor, k: int) -> Tensor:
     N, C = queries.shape[0], table.shape[0]
+    block = block_elems(queries.device, _BLOCK_ELEMS, elem_bytes=queries.element_size())
     out = torch.empty(N, k, dtype=torch.long, device=queries.device)
-    # Class chunks bound the memory when C is huge; query chunks bound it when N is.
-    c_chunk = min(C, max(k, _BLOCK_ELEMS // max(1, min(N, 4096))))
-    q_chunk = max(1, _BLOCK_ELEMS // c_chunk)
+    q_chunk, c_chunk = _search_plan(N, C, k, block)
     for q0 in range(0, N, q_chunk):
         q = queries[q0 : q0 + q_chunk]
         best_v = best_i = None
@@ -62,22 +147,38 @@ def _search_torch(queries: Tensor, table: Tensor, k: int) -> Tensor:
     return out
 
 
-def _search_faiss(queries: Tensor, table: Tensor, k: int) -> Tensor:
+def _faiss_index(d: int, device: torch.device):
+    """The resident flat inner-product index for (device, d), emptied for re-filling."""
     global _GPU_RES
+    key = (str(device), d)
+    index = _INDEXES.get(key)
+    if index is None:
+        if device.type == "cuda":
+            if _GPU_RES is None:
+                _GPU_RES = faiss.StandardGpuResources()
+            cfg = faiss.GpuIndexFlatConfig()
+            cfg.device = device.index if device.index is not None else torch.cuda.current_device()
+            index = faiss.GpuIndexFlatIP(_GPU_RES, d, cfg)
+        else:
+            index = faiss.IndexFlatIP(d)
+        _INDEXES[key] = index
+    index.reset()
+    return index
+
+
+def _search_faiss(queries: Tensor, table: Tensor, k: int) -> Tensor:
     if not _HAS_FAISS:
         raise RuntimeError("knn backend 'faiss' requested but faiss is not installed")
-    q = queries.detach().to("cpu", torch.float32).contiguous().numpy()
-    t = table.detach().to("cpu", torch.float32).contiguous().numpy()
-    if _FAISS_GPU and queries.is_cuda:
-        if _GPU_RES is None:
-            _GPU_RES = faiss.StandardGpuResources()
-        cfg = faiss.GpuIndexFlatConfig()
-        cfg.device = queries.device.index or 0
-        index = faiss.GpuIndexFlatIP(_GPU_RES, t.shape[1], cfg)
-    else:
-        index = faiss.IndexFlatIP(t.shape[1])
-    index.add(t)
-    _, idx = index.search(q, k)
+    if queries.is_cuda:  # only reached with a GPU faiss build (see _resolve_backend)
+        import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take torch tensors)
+
+        index = _faiss_index(table.shape[1], queries.device)
+        index.add(table.detach().float().contiguous())
+        _, idx = index.search(queries.detach().float().contiguous(), k)
+        return idx.to(queries.device, torch.long)
+    index = _faiss_index(table.shape[1], torch.device("cpu"))
+    index.add(table.detach().to("cpu", torch.float32).contiguous().numpy())
+    _, idx = index.search(queries.detach().to("cpu", torch.float32).contiguous().numpy(), k)
     return torch.from_numpy(idx).to(queries.device)
 
 
@@ -93,12 +194,33 @@ _FAISS_MIN_QUERIES = 2048
 
 def _pick_backend(n: int, c: int, device: torch.device) -> str:
     """ "auto": faiss on CPU for N >= _FAISS_MIN_QUERIES queries, torch otherwise. On CUDA the
-    torch matmul path is used: a numpy-fed faiss index would add a host round trip."""
+    torch matmul path (device-sized blocks) is used; a GPU faiss index is taken only when asked
+    for by name (not measured here: no GPU faiss build in this environment)."""
     if device.type != "cpu" or not _HAS_FAISS:
         return "torch"
     return "faiss" if n >= _FAISS_MIN_QUERIES else "torch"
 
 
+def _resolve_backend(backend: str, n: int, c: int, device: torch.device) -> str:
+    """The backend that will run: "auto" picked; "faiss" on CUDA without GPU faiss -> "torch"."""
+    if backend == "auto":
+        return _pick_backend(n, c, device)
+    if backend == "faiss" and device.type == "cuda" and _HAS_FAISS and not _FAISS_GPU:
+        if "faiss-gpu" not in _WARNED:
+            _WARNED.add("faiss-gpu")
+            warnings.warn(
+                "knn backend 'faiss' on CUDA tensors, but this faiss build has no GPU support "
+                "(install faiss-gpu): using the exact torch matmul search on the GPU instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "torch"
+    if backend not in ("torch", "faiss"):
+        raise ValueError(f"knn.search: unknown backend {backend!r} (auto, torch, faiss)")
+    return backend
+
+
+@in_fp32
 def search(
     queries: Tensor,
     table: Tensor,
@@ -106,7 +228,8 @@ def search(
     backend: str = "auto",
     exclude: Tensor | None = None,
 ) -> Tensor:
-    """Exact top-k rows of ``table`` by inner product with each query.
+    """Exact top-k rows of ``table`` by inner product with each query (fp32 or fp64 math, even
+    under autocast).
 
     Args:
         queries: [N,d].
@@ -131,18 +254,15 @@ def search(
         raise ValueError(f"knn.search: k={k} must be in [1, {what}={k_max}]")
     if exclude is not None and tuple(exclude.shape) != (N,):
         raise ValueError(f"knn.search: exclude must be [N]={N}, got {tuple(exclude.shape)}")
-    if backend == "auto":
-        backend = _pick_backend(N, C, queries.device)
+    backend = _resolve_backend(backend, N, C, queries.device)
     kk = k + 1 if exclude is not None else k
     if N == 0:
         return torch.empty(0, k, dtype=torch.long, device=queries.device)
     with torch.no_grad():
         if backend == "torch":
             idx = _search_torch(queries.detach(), table.detach().to(queries.dtype), kk)
-        elif backend == "faiss":
-            idx = _search_faiss(queries, table, kk)
         else:
-            raise ValueError(f"knn.search: unknown backend {backend!r} (auto, torch, faiss)")
+            idx = _search_faiss(queries, table, kk)
         if exclude is None:
             return idx
         drop = idx == exclude.to(idx.device).view(-1, 1)

@@ -2,6 +2,17 @@
 
 Every logit is z_pc = s * x_p . mu_c with unit x_p and mu_c. No function here builds a tensor
 whose size is (pixels x C) or (C x C); with k given, memory is O(N k d + C d).
+
+Precision: every public loss runs under ``in_fp32`` (defined in knn.py, re-exported here):
+autocast off, float16/bfloat16 inputs cast to float32, so a bf16-autocast forward gives the
+same loss and the same negatives as an fp32 one.
+
+Per-source negatives: restrict a loss to a source's rows by passing ``table[rows]`` and local
+targets (``rows`` a LongTensor of global ids); the indexing is differentiable, so the gradient
+lands on exactly those rows of the full table.
+
+Chunks: the gather below works in chunks of ``_GATHER_ELEMS`` elements on the CPU and of a
+fraction of the free memory on CUDA (``knn.block_elems``).
 """
 
 from __future__ import annotations
@@ -11,8 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from larvess import knn
+from larvess.knn import fp32_math, in_fp32
 
 __all__ = [
+    "in_fp32",
+    "fp32_math",
     "knn_sampled_ce",
     "margin_regularizer",
     "image_level_ce",
@@ -57,14 +71,14 @@ class _GatherDot(torch.autograd.Function):
     """z[i,j] = x_i . mu[rows_ij] for x [N,d], mu [C,d], rows [N,k] -> [N,k].
 
     Plain autograd would hold mu[rows] ([N,k,d], 8x the embeddings for k=8) and its gradient at
-    the same time; here both directions work in row chunks of ~_GATHER_ELEMS elements and only
-    x, mu and rows are saved, so the loss adds O(N k + chunk) memory on top of the embeddings.
+    the same time; here both directions work in row chunks (``_gather_step``) and only x, mu
+    and rows are saved, so the loss adds O(N k + chunk) memory on top of the embeddings.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, mu: Tensor, rows: Tensor) -> Tensor:
         ctx.save_for_backward(x, mu, rows)
-        step = max(1, _GATHER_ELEMS // max(1, rows.shape[1] * x.shape[1]))
+        step = _gather_step(x, rows.shape[1])
         out = x.new_empty(rows.shape)
         for i in range(0, x.shape[0], step):
             out[i : i + step] = torch.bmm(mu[rows[i : i + step]], x[i : i + step, :, None])[..., 0]
@@ -73,7 +87,7 @@ class _GatherDot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, mu, rows = ctx.saved_tensors
-        step = max(1, _GATHER_ELEMS // max(1, rows.shape[1] * x.shape[1]))
+        step = _gather_step(x, rows.shape[1])  # sized again: free memory differs in backward
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gmu = torch.zeros_like(mu) if ctx.needs_input_grad[1] else None
         for i in range(0, x.shape[0], step):
@@ -86,7 +100,16 @@ class _GatherDot(torch.autograd.Function):
         return gx, gmu, None
 
 
+# CPU chunk: 2**20 gathered elements. On CUDA each chunk takes _GATHER_FRACTION of the free
+# memory; backward holds two chunk-sized temporaries (mu[rows] and the [n,k,d] contribution).
 _GATHER_ELEMS = 1 << 20
+_GATHER_FRACTION = 0.125
+
+
+def _gather_step(x: Tensor, k: int) -> int:
+    """Rows of x per chunk so that a chunk gathers about one block of [n,k,d] elements."""
+    elems = knn.block_elems(x.device, _GATHER_ELEMS, _GATHER_FRACTION, x.element_size())
+    return max(1, elems // max(1, k * x.shape[1]))
 
 
 def _sampled_logits(
@@ -122,6 +145,7 @@ def _cell_of_pixel(grid_hw: tuple[int, int], size: tuple[int, int], device) -> T
     return F.interpolate(ids, size=size, mode="nearest").view(size).long()
 
 
+@in_fp32
 def knn_sampled_ce(
     emb: Tensor,
     target: Tensor,
@@ -202,6 +226,7 @@ def knn_sampled_ce(
     return _ce_target_first(logits).mean()
 
 
+@in_fp32
 def margin_regularizer(table: Tensor, margin: float = 0.2, backend: str = "auto") -> Tensor:
     """ESS eq. 7: L_r = mean_c max(0, m - min_{j!=c} ||mu_c - mu_j||).
 
@@ -218,6 +243,7 @@ def margin_regularizer(table: Tensor, margin: float = 0.2, backend: str = "auto"
     return F.relu(margin - dist).mean()
 
 
+@in_fp32
 def pooled_ce(
     pooled: Tensor,
     target: Tensor,
@@ -277,6 +303,7 @@ def pooled_ce(
     return _ce_target_first(logits)
 
 
+@in_fp32
 def image_level_ce(
     emb: Tensor,
     labels: list[Tensor],

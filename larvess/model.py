@@ -125,26 +125,3 @@ class ClassTable(nn.Module):
     def forward(self) -> Tensor:
         """-> mu [C,d], L2-normalised rows."""
         return F.normalize(self.weight, dim=1)
-
-    def grow(self, n_new: int) -> None:
-        """Append n_new random unit rows. The Parameter object is replaced: rebuild the
-        optimiser (or its param group) afterwards."""
-        if n_new < 0:
-            raise ValueError(f"ClassTable.grow needs n_new >= 0, got {n_new}")
-        if n_new == 0:
-            return
-        w = self.weight
-        new = F.normalize(torch.randn(n_new, w.shape[1], device=w.device, dtype=w.dtype), dim=1)
-        self.weight = nn.Parameter(torch.cat([w.detach(), new], dim=0))
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> ClassTable:
-        """Load a torch.save'd [C,d] tensor (e.g. text-derived class embeddings)."""
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"class table file not found: {str(p)!r}")
-        t = torch.load(p, map_location="cpu", weights_only=True)
-        if not isinstance(t, Tensor) or t.dim() != 2:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"class table file {str(p)!r} must hold a [C,d] tensor, got {shape}")
-        return cls(t.shape[0], t.shape[1], init=t)

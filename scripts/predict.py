@@ -4,7 +4,7 @@
     python scripts/predict.py --checkpoint runs/x img.jpg --names objectInfo150.txt
 
 Over the full trained vocabulary by default (k = 1 nearest-row search when it is large), or over a
-named subset (--names FILE in any format larvess.vocab.read_names_file reads, or --classes a,b,c).
+named subset (--names FILE in any format larvess.names.read_names_file reads, or --classes a,b,c).
 Any image PIL can open (grayscale, RGBA, palette, EXIF-rotated, large). OUT/<stem>_label.png holds
 the class index (16-bit PNG when more than 256 classes; index into the list in OUT/classes.json),
 OUT/<stem>_overlay.png the overlay with a legend. An unreadable file is reported by name and the
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from larvess.checkpoint import load_model
+from larvess.build import load_predictor
 from larvess.inference import slide_inference
+from larvess.names import read_names_file
 from larvess.viz import legend, overlay, palette, present_classes, save_png
-from larvess.vocab import read_names_file
 
 Image.MAX_IMAGE_PIXELS = None  # large photos are fine; we resize to the short side first
 
@@ -51,31 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("predictions"))
     ap.add_argument("--names", default=None, help="restrict to the classes of this names file")
     ap.add_argument("--classes", default=None, help="restrict to these comma-separated names")
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--short-side", type=int, default=512)
+    ap.add_argument("--window", type=int, default=None, help="default: the run's recipe")
+    ap.add_argument("--stride", type=int, default=None, help="default: the run's recipe")
+    ap.add_argument("--short-side", type=int, default=None, help="default: the run's recipe")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
-    loaded = load_model(args.checkpoint)
     device = torch.device(args.device)
-    segmenter = loaded.segmenter.to(device)
-    if args.names or args.classes:
-        wanted = (
-            read_names_file(args.names)
-            if args.names
-            else [[n.strip()] for n in args.classes.split(",") if n.strip()]
-        )
-        rows = loaded.vocab.match(wanted)
-        unknown = [w[0] for w, r in zip(wanted, rows.tolist()) if r < 0]
-        if unknown:
-            raise SystemExit(f"classes not in the model's vocabulary: {unknown[:10]}")
-    else:
-        rows = torch.arange(len(loaded.vocab))
-    all_names = loaded.vocab.names  # a property that builds the list: read it once
-    names = [all_names[r] for r in rows.tolist()]
-    with torch.no_grad():
-        mu = loaded.table().to(device)[rows.to(device)]
+    wanted = None
+    if args.names:
+        wanted = read_names_file(args.names)
+    elif args.classes:
+        wanted = [[n.strip()] for n in args.classes.split(",") if n.strip()]
+    pred = load_predictor(args.checkpoint, wanted, device)
+    rows, names = pred.rows, pred.names
+    window = args.window or pred.eval.window
+    stride, short_side = args.stride or pred.eval.stride, args.short_side or pred.eval.short_side
     colours = palette(len(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "classes.json").write_text(json.dumps(names, indent=0))
@@ -91,24 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
-        pred = (
-            slide_inference(
-                segmenter,
-                mu,
-                image,
-                window=args.window,
-                stride=args.stride,
-                short_side=args.short_side,
-                device=device,
-                amp=device.type == "cuda",
-            )
-            .cpu()
-            .numpy()
-        )
+        labels = slide_inference(
+            pred.segmenter, pred.mu, image, window=window, stride=stride, short_side=short_side,
+            device=device, amp=device.type == "cuda",
+        ).cpu().numpy()  # fmt: skip
         dtype = np.uint8 if len(rows) <= 256 else np.uint16
-        Image.fromarray(pred.astype(dtype)).save(args.out / f"{stem}_label.png")
-        shown = overlay(image, pred, colours)
-        panel = legend(present_classes(pred), names, colours, width=shown.shape[1])
+        Image.fromarray(labels.astype(dtype)).save(args.out / f"{stem}_label.png")
+        shown = overlay(image, labels, colours)
+        panel = legend(present_classes(labels), names, colours, width=shown.shape[1])
         save_png(np.concatenate([shown, panel], axis=0), args.out / f"{stem}_overlay.png")
         print(f"{path} -> {args.out / (stem + '_overlay.png')}")
     if failed:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -20,13 +19,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.tensorboard import SummaryWriter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build  # noqa: E402  (the recipe -> objects wiring shared by the scripts)
-
-from larvess.ca_classifier import CAClassifier  # noqa: E402
-from larvess.checkpoint import export_model  # noqa: E402
-from larvess.config import dump_recipe, load_recipe  # noqa: E402
-from larvess.engine import Net, find_resume, read_state, train  # noqa: E402
+from larvess import build
+from larvess.checkpoint import export_model
+from larvess.config import dump_recipe, load_recipe
+from larvess.engine import Net, train
 
 
 def git_commit() -> str:
@@ -60,29 +56,26 @@ def main(argv: list[str] | None = None) -> dict:
     )
     main_proc = accelerator.is_main_process
     set_seed(t.seed)  # same initial weights on every process
-
     run_dir = Path(recipe.runs_dir) / recipe.name
-    ckpt = None
-    if t.resume == "auto":
-        ckpt = find_resume(run_dir)
-    elif t.resume != "never":
-        ckpt = Path(t.resume)
-    if args.resume and ckpt is None:
-        raise SystemExit(f"{run_dir}: --resume given but no complete checkpoint found")
-    state = read_state(ckpt) if ckpt else {"step": 0, "bad_steps": 0}
-    start_step, bad_steps = state["step"], state["bad_steps"]
+    ckpt, state = build.resolve_resume(recipe, require=args.resume)
+    for s in recipe.data:  # fail before any data is read when a batch does not divide
+        build.per_process_batch(s, accelerator.num_processes)
 
-    vocab, datasets, sources = build.build_data(recipe)
+    # -- build: vocabulary + readers, model, optimiser, CA bank
+    vocab, readers = build.build_data(recipe)
+    source_rows = [vocab.rows_of(s.name) for s in recipe.data]
     segmenter, table, model_args = build.build_model(recipe, len(vocab))
-    lo = recipe.loss
-    ca = CAClassifier(len(vocab), recipe.model.dim, lo.ca_bank_size, lo.ca_topk, lo.ca_warm_up)
+    ca = build.build_ca(recipe, len(vocab))
     net = Net(segmenter, table)
     optimizer, scheduler = build.build_optimizer(recipe, segmenter, table)
+    # batches are not prepared: the readers split by rank themselves (accelerate would split the
+    # node-split streams again); the scheduler is stepped by hand (a prepared one steps
+    # num_processes times per step)
     net, optimizer = accelerator.prepare(net, optimizer)
     ca.to(accelerator.device)
-    # The scheduler is stepped by hand (a prepared one steps num_processes times per step).
     accelerator.register_for_checkpointing(scheduler, ca)
 
+    # -- run folder (main process only)
     writer = None
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,19 +83,21 @@ def main(argv: list[str] | None = None) -> dict:
         (run_dir / "git.txt").write_text(git_commit())
         vocab.save(run_dir / "vocab.json")
         writer = SummaryWriter(str(run_dir / "tb"))
-        print(f"run folder {run_dir}: {len(vocab)} classes, sources {[s.name for s in sources]}")
-        for name, ds in datasets.items():
+        print(f"run folder {run_dir}: {len(vocab)} classes, sources {[s.name for s in recipe.data]}"
+              f", {accelerator.num_processes} process(es)")  # fmt: skip
+        for name, ds in readers.items():
             if getattr(ds, "n_skipped", 0):
                 print(f"source '{name}': {ds.n_skipped} files without a partner skipped")
+    start_step, bad_steps = state["step"], state["bad_steps"]
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         if main_proc:
             print(f"resumed from {ckpt} at step {start_step}")
 
-    # Batches already drawn by this process: the data streams continue where they stopped.
+    # batches already drawn by this process: the data streams continue where they stopped
     batches = build.build_batches(
         recipe,
-        datasets,
+        readers,
         accelerator.process_index,
         accelerator.num_processes,
         start_batch=start_step * t.grad_accum,
@@ -113,21 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
         export_model(folder, unwrapped.segmenter, unwrapped.table, model_args, vocab, step)
 
     step, bad_steps = train(
-        accelerator,
-        net,
-        ca,
-        optimizer,
-        scheduler,
-        batches,
-        sources,
-        build.loss_params(recipe),
-        build.loop_params(recipe),
-        run_dir,
-        start_step=start_step,
-        bad_steps_total=bad_steps,
-        on_checkpoint=on_checkpoint,
+        accelerator, net, ca, optimizer, scheduler, batches, recipe.data, source_rows,
+        recipe.loss, t, recipe.schedule.steps, recipe.optim.grad_clip, run_dir,
+        start_step=start_step, bad_steps_total=bad_steps, on_checkpoint=on_checkpoint,
         writer=writer,
-    )
+    )  # fmt: skip
     if main_proc:
         writer.close()
         if step >= recipe.schedule.steps:
@@ -143,4 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as err:  # a missing dataset, recipe or checkpoint: say which
+        raise SystemExit(f"error: {err}") from err

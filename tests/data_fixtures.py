@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "larvess" / "meta"  # shipped metadata
 
 
 def block_label(h: int, w: int, values: list[int], block: int, seed: int) -> np.ndarray:
@@ -88,3 +88,92 @@ def make_ade847(root: Path, n_images: int = 2, n_classes: int = 300, seed: int =
             lab = block_label(h, w, vals, 8, seed + 50 + i)
             write_tiff16(root / "annotations_detectron2" / split / f"img{i}.tif", lab)
     return root
+
+
+# --- COCO-Stuff in its three on-disk layouts -------------------------------------------------
+
+COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)  # labels.txt ids, never in data
+COCO_KEPT_IDS = [i for i in range(1, 183) if i not in COCO_UNUSED_IDS]  # trainId k -> id
+
+
+def coco_trainid(cid: int) -> int:
+    """labels.txt id -> 0..170 trainId (mmseg / detectron2 numbering)."""
+    return COCO_KEPT_IDS.index(cid)
+
+
+def write_coco_stuff(
+    root: Path, layout: str, id_maps: dict[str, np.ndarray], split: str = "train2017"
+) -> None:
+    """Write images + label PNGs as each tool leaves them on disk.
+
+    ``id_maps``: {image stem: int [H, W] labels.txt ids, 0 = unlabeled}. Layouts:
+    "raw" (zip unpacked into annotations/), "raw_stuffthingmaps" (into stuffthingmaps/),
+    "mmseg" (raw PNGs + *_labelTrainIds.png beside them in annotations/), "detectron2"
+    (images in root/<split>/, raw stuffthingmaps/ + stuffthingmaps_detectron2/),
+    "detectron2_only" (no raw folder).
+    """
+    lut = np.full(256, 255, np.int64)
+    lut[COCO_KEPT_IDS] = np.arange(171)
+    for n, (stem, ids) in enumerate(sorted(id_maps.items())):
+        h, w = ids.shape
+        raw = np.where(ids == 0, 255, ids - 1)
+        trainid = lut[ids]
+        d2 = layout.startswith("detectron2")
+        write_jpeg((root / split if d2 else root / "images" / split) / f"{stem}.jpg", h, w, n)
+        if layout in ("raw", "mmseg"):
+            write_png(root / "annotations" / split / f"{stem}.png", raw)
+        if layout in ("raw_stuffthingmaps", "detectron2"):
+            write_png(root / "stuffthingmaps" / split / f"{stem}.png", raw, palette=True)
+        if layout == "mmseg":
+            write_png(root / "annotations" / split / f"{stem}_labelTrainIds.png", trainid)
+        if d2:
+            write_png(root / "stuffthingmaps_detectron2" / split / f"{stem}.png", trainid)
+
+
+# --- the ADE20K_2021_17_01 download (input of scripts/prepare_ade847.py) ----------------------
+
+
+def ade_seg_rgb(classes: np.ndarray, seed: int) -> np.ndarray:
+    """Full-ADE class map -> the _seg.png pixels: R // 10 * 256 + G = class, B = instance."""
+    rng = np.random.default_rng(seed)
+    hi, lo = classes // 256, classes % 256
+    extra = np.minimum(rng.integers(0, 10, classes.shape), 255 - hi * 10)  # R // 10 ignores it
+    rgb = np.stack([hi * 10 + extra, lo, rng.integers(0, 256, classes.shape)], axis=-1)
+    return rgb.astype(np.uint8)
+
+
+def make_ade_full_download(
+    parent: Path, images: list[tuple[str, str, str, np.ndarray]], index: bool = True
+) -> Path:
+    """ADE20K_2021_17_01 under parent, as the zip unpacks; returns the dataset folder.
+
+    ``images``: (split, "<scene category>/<scene>", stem, int [H, W] full-ADE class map). Each
+    image gets <stem>.jpg, <stem>_seg.png, <stem>.json and a <stem>/ folder of instance masks in
+    images/ADE/<split>/<scene>/; index_ade20k.pkl lists them ('folder' relative to parent).
+    """
+    ds = parent / "ADE20K_2021_17_01"
+    folders, files = [], []
+    for n, (split, scene, stem, classes) in enumerate(images):
+        d = ds / "images" / "ADE" / split / scene
+        h, w = classes.shape
+        write_jpeg(d / f"{stem}.jpg", h, w, 10 + n)
+        Image.fromarray(ade_seg_rgb(classes, n)).save(d / f"{stem}_seg.png")
+        (d / f"{stem}.json").write_text("{}")
+        (d / stem).mkdir()
+        Image.fromarray(np.zeros((h, w), np.uint8)).save(d / stem / f"instance_000_{stem}.png")
+        folders.append(f"ADE20K_2021_17_01/images/ADE/{split}/{scene}")
+        files.append(f"{stem}.jpg")
+    if index:
+        import pickle
+
+        idx = {
+            "filename": files,
+            "folder": folders,
+            "objectnames": [f"object{i}" for i in range(3688)],
+            "scene": [f.split("/")[-1] for f in folders],
+            "objectPresence": np.zeros((3688, len(files)), np.uint8),
+        }
+        with open(ds / "index_ade20k.pkl", "wb") as f:
+            pickle.dump(idx, f)
+    (ds / "objects.txt").write_text("objectnames\n")
+    return ds

@@ -44,8 +44,10 @@ def test_ade847_tiff_keeps_65535_as_ignore(tmp_path):
     s = ds.get(0, np.random.default_rng(0))
     vals = set(s["label"].unique().tolist())
     assert vals <= {-1, 0, 7, 255, 256, 299} and len(vals) > 1
-    with pytest.raises(ValueError, match="needs names_file"):
-        AdeTrain(root, full=True)
+    default = AdeTrain(root, full=True)  # the package's ade847_categories.tsv
+    assert len(default.class_names) == 847 and default.class_names[0] == ["wall"]
+    assert default.class_names[2] == ["sky"] and default.wnids is None
+    assert default.root == root
 
 
 def test_weak_labels_are_those_of_the_crop(tmp_path):
@@ -127,5 +129,41 @@ def test_read_class_names_without_data(tmp_path):
     root = make_ade847(tmp_path / "full", n_images=1, n_classes=300)
     names = AdeTrain.read_class_names(root, full=True, names_file=root / "names.tsv")
     assert names == AdeTrain(root, full=True, names_file=root / "names.tsv").class_names
-    with pytest.raises(ValueError, match="needs names_file"):
-        AdeTrain.read_class_names(root, full=True)
+    assert AdeTrain.read_class_names(root, full=True) == AdeTrain(root, full=True).class_names
+    assert len(AdeTrain.read_class_names(None, full=True)) == 847
+    (d / "objectInfo150.txt").unlink()  # not in the folder: the package's copy
+    names = AdeTrain.read_class_names(tmp_path)
+    assert len(names) == 150 and names[0] == ["wall"] and len(AdeTrain(d).class_names) == 150
+
+
+def test_ade847_root_found_below_and_bare_download_names_the_command(tmp_path):
+    data = tmp_path / "datasets"
+    root = make_ade847(data / "ADE20K_2021_17_01", n_images=1, n_classes=300)
+    (data / "ADEChallengeData2016" / "annotations_detectron2" / "validation").mkdir(parents=True)
+    for given in (root, data, tmp_path):  # the folder, its parent, two levels up
+        ev = AdeEval(given, "ade847")
+        assert ev.root == root and len(ev) == 1 and len(ev.class_names) == 847
+    other = make_ade847(tmp_path / "copy" / "ADE20K_2021_17_01", n_images=1)
+    with pytest.raises(FileNotFoundError, match="several prepared ADE-847 folders"):
+        AdeEval(tmp_path, "ade847")
+    assert AdeEval(other.parent, "ade847").root == other
+    bare = tmp_path / "bare"
+    (bare / "ADE20K_2021_17_01" / "images" / "ADE" / "training").mkdir(parents=True)
+    (bare / "ADE20K_2021_17_01" / "index_ade20k.pkl").write_bytes(b"")
+    for given in (bare, bare / "ADE20K_2021_17_01"):
+        with pytest.raises(FileNotFoundError, match=r"python scripts/prepare_ade847.py --root "):
+            AdeTrain(given, full=True)
+    with pytest.raises(FileNotFoundError, match="no ADE-847 layout"):
+        AdeTrain(tmp_path / "copy" / "ADE20K_2021_17_01" / "images_detectron2", full=True)
+
+
+def test_set_rows_protocol(tmp_path):
+    d = make_ade150(tmp_path, n_images=1, n_classes=5)
+    ds = AdeTrain(tmp_path, weak=True)
+    assert ds.rows is None and ds.wnids is None and ds.root == d
+    ds.set_rows(torch.tensor([4, 3, 2, 1, 0]))
+    assert ds.rows.tolist() == [4, 3, 2, 1, 0]
+    with pytest.raises(ValueError, match=rf"AdeTrain {d}: rows has shape \(4,\)"):
+        ds.set_rows(torch.arange(4))
+    with pytest.raises(ValueError, match="one row per class"):
+        ds.rows = torch.arange(6)

@@ -1,5 +1,6 @@
 """CA-Classifier against explicit rings of every pushed feature and naive attention pooling."""
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -11,6 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from larvess import knn
+from larvess.ca_background import standardised_mse, top_score_mean
 from larvess.ca_classifier import CAClassifier
 
 S = 40.0
@@ -107,46 +110,122 @@ def test_loss_matches_naive_with_warm_up_and_enqueues_after_scoring():
     assert ca.count.tolist() == [0, 8, 0, 0, 12, 0, 8, 0]
 
 
-def test_single_label_background_selection():
-    C, d = 6, 4
-    mu = torch.eye(d)[[0, 1, 2, 3, 0, 1]].float()  # rows 4, 5 duplicate rows 0, 1
-    mu[4] = F.normalize(torch.tensor([1.0, 0, 0, 1]), dim=0)
-    mu[5] = F.normalize(torch.tensor([0.0, 1, 1, 0]), dim=0)
-    ca = CAClassifier(C, d, bank_size=1, topk=1, bg_threshold=0.2, bg_knn=3)
-    # warm every class except 3
-    for c in (0, 1, 2, 4, 5):
-        ca._push(mu[c][None], torch.tensor([c]))
-    # image: left half near class 0 (the label), right half near class 2; class 3 also
-    # present in one column but cold; class 1 appears nowhere near
-    x = torch.zeros(d, 2, 6)
-    x[0, :, :3] = 1.0
-    x[2, :, 3:5] = 1.0
-    x[3, :, 5] = 1.0
-    bg = ca._single_label_background(x.reshape(d, -1).T, 0, mu, S, ca.bg_threshold)
-    # naive: probability under softmax over each pixel's 3 nearest rows, top-5 mean > 0.2
-    z = S * x.reshape(d, -1).T @ mu.T
-    expect = []
-    for c in range(C):
-        p = []
-        for i in range(z.shape[0]):
-            near = z[i].argsort(descending=True)[:3].tolist()
-            p.append(torch.softmax(z[i, near], 0)[near.index(c)].item() if c in near else 0.0)
-        top5 = sorted(p, reverse=True)[:5]
-        if c != 0 and c != 3 and sum(top5) / 5 > 0.2:
-            expect.append(c)
-    assert sorted(bg.tolist()) == expect
-    assert 2 in expect and 3 not in expect and 0 not in expect and 1 not in expect
-    # the per-source threshold given to loss()/attention() is the one applied
-    assert ca._single_label_background(x.reshape(d, -1).T, 0, mu, S, 1.0).numel() == 0
-    A_default = ca.attention(x, 0, [], mu, S)
-    A_strict = ca.attention(x, 0, [], mu, S, bg_threshold=1.0)  # no background: S_bg = 1 - S_fg
+def naive_standardised_mse(fg, bg):
+    """The reference's mse(): per column (x - mean) / unbiased std, mean squared difference."""
+    P = len(fg)
+
+    def z(v):
+        m = sum(v) / P
+        sd = (sum((t - m) ** 2 for t in v) / (P - 1)) ** 0.5
+        return [(t - m) / sd for t in v]
+
+    f, g = z(fg.tolist()), z(bg.tolist())
+    return sum((a - b) ** 2 for a, b in zip(f, g)) / P
+
+
+def naive_background(ca, x, lab, mu, candidates, threshold, mse_threshold):
+    """Official LarvSeg selection written plainly: x [d,h,w]."""
+    px, mu = x.reshape(x.shape[0], -1).T.detach(), mu.detach()  # [P,d]
+    need = max(1, ca.warm_up * ca.bank_size)
+    fg = ca.similarity(x, lab).reshape(-1)
+    out = []
+    for c in candidates:
+        scores = sorted((float(px[p] @ mu[c]) for p in range(len(px))), reverse=True)
+        top5 = sum(scores[:5]) / min(5, len(scores))
+        if top5 <= threshold or c == lab or int(ca.count[c]) < need:
+            continue
+        if naive_standardised_mse(fg, ca.similarity(x, c).reshape(-1)) > mse_threshold:
+            out.append(c)
+    return out
+
+
+def _bg_world():
+    """A bank where the MSE filter matters: class 1's memory equals the label's (r = 1: dropped),
+    class 2's is its opposite (r = -1: kept), 3..7 random, 8 and 9 cold."""
+    C, d = 10, 6
+    g = torch.Generator().manual_seed(7)
+    mu = F.normalize(torch.randn(C, d, generator=g, dtype=torch.float64), dim=1)
+    ca = CAClassifier(C, d, bank_size=1, topk=1).double()
+    mem = F.normalize(torch.randn(C, d, generator=g, dtype=torch.float64), dim=1)
+    mem[1], mem[2] = mem[0], -mem[0]
+    for c in range(8):
+        ca._push(mem[c][None], torch.tensor([c]))
+    # pixels near a mix of classes: every class has some pixels with a high raw cosine
+    x = F.normalize(
+        mu[torch.arange(24) % C].T.reshape(d, 4, 6)
+        + 0.3 * torch.randn(d, 4, 6, generator=g, dtype=torch.float64),
+        dim=0,
+    )
+    return ca, mu, x
+
+
+@pytest.mark.parametrize("mse_threshold", [1.0, 2.0])
+def test_single_label_background_matches_the_official_rule(mse_threshold):
+    ca, mu, x = _bg_world()
+    cands = [0, 1, 2, 3, 4, 5, 6, 8, 9]  # row 7 is not this source's
+    threshold = 0.35
+    got = ca._single_label_background(
+        x.reshape(6, -1).T, 0, mu, threshold, mse_threshold, torch.tensor(cands)
+    )
+    ref = naive_background(ca, x, 0, mu, cands, threshold, mse_threshold)
+    assert sorted(got.tolist()) == ref
+    # the world exercises each rule: above threshold but filtered (1: same memory as the label),
+    # kept (2: opposite memory), cold (8, 9) and another source's class (7) never selected
+    passed = [c for c in range(10) if c != 0 and _top5(x, mu, c) > threshold]
+    assert {1, 2, 7, 8, 9} <= set(passed)
+    assert 2 in ref and 1 not in ref and not {7, 8, 9} & set(ref)
+
+
+def _top5(x, mu, c):
+    s = (x.reshape(x.shape[0], -1).T @ mu[c]).sort(descending=True).values
+    return float(s[:5].mean())
+
+
+def test_standardised_mse_is_one_minus_correlation_and_drops_constant_maps():
+    g = torch.Generator().manual_seed(8)
+    fg = torch.randn(50, generator=g, dtype=torch.float64)
+    bg = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    bg[:, 1] = 3 * fg + 1  # r = 1
+    bg[:, 2] = 0.5  # constant: NaN, never above a threshold
+    got = standardised_mse(fg, bg)
+    for j in (0, 1, 3):
+        r = torch.corrcoef(torch.stack([fg, bg[:, j]]))[0, 1]
+        assert torch.allclose(got[j], 2 * 49 / 50 * (1 - r), atol=1e-12)
+        assert abs(float(got[j]) - naive_standardised_mse(fg, bg[:, j])) < 1e-12
+    assert got[1].abs() < 1e-12 and torch.isnan(got[2]) and not bool(got[2] > 0)
+
+
+def test_top_score_mean_in_chunks_matches_full(monkeypatch):
+    import larvess.ca_background as cab
+
+    g = torch.Generator().manual_seed(9)
+    x = F.normalize(torch.randn(3, 11, 5, generator=g, dtype=torch.float64), dim=-1)
+    mu = F.normalize(torch.randn(40, 5, generator=g, dtype=torch.float64), dim=1)
+    rows = torch.tensor([39, 2, 17, 5, 0, 33, 8])
+    full = (x @ mu[rows].T).topk(5, dim=1).values.mean(dim=1)
+    monkeypatch.setattr(cab, "_SCORE_ELEMS", 40)  # one class per chunk
+    assert torch.allclose(top_score_mean(x, mu, rows), full, atol=1e-14)
+    assert torch.allclose(top_score_mean(x[1], mu, rows), full[1], atol=1e-14)
+    assert top_score_mean(x[:, :3], mu, None, topk=5).shape == (3, 40)  # P < 5: mean of all
+
+
+def test_single_label_attention_uses_the_selected_background():
+    ca, mu, x = _bg_world()
+    bg = naive_background(ca, x, 0, mu, list(range(10)), 0.35, 1.0)
+    A = ca.attention(x, 0, [], mu, bg_threshold=0.35, bg_mse_threshold=1.0)
     fg = ca.similarity(x, 0)
+    s_bg = sum(ca.similarity(x, c) for c in bg) / len(bg)
+    diff = fg - s_bg
+    ref = torch.sigmoid((diff - diff.mean()) / (diff.std(correction=0) + 1e-5))
+    assert len(bg) >= 2 and torch.allclose(A, ref, atol=1e-12)
+    # a threshold nothing passes: no background, S_bg = 1 - S_fg
+    A_none = ca.attention(x, 0, [], mu, bg_threshold=1.0)
     diff = 2 * fg - 1
     ref = torch.sigmoid((diff - diff.mean()) / (diff.std(correction=0) + 1e-5))
-    assert torch.allclose(A_strict, ref, atol=1e-6) and not torch.allclose(A_default, A_strict)
+    assert torch.allclose(A_none, ref, atol=1e-12)
 
 
-def test_single_label_attention_uses_selected_background():
+def test_multi_label_attention_uses_the_other_labels():
     C, d = 5, 4
     mu = torch.eye(d + 1)[:, :d]
     mu[4] = F.normalize(torch.ones(d), dim=0)
@@ -156,11 +235,120 @@ def test_single_label_attention_uses_selected_background():
     x = torch.zeros(d, 1, 4)
     x[0, 0, :2] = 1.0
     x[1, 0, 2:] = 1.0
-    A = ca.attention(x, 0, [], mu, S)
+    A = ca.attention(x, 0, [1], mu)
     fg, bg = ca.similarity(x, 0), ca.similarity(x, 1)
     diff = fg - bg
     ref = torch.sigmoid((diff - diff.mean()) / (diff.std(unbiased=False) + 1e-5))
     assert torch.allclose(A, ref, atol=1e-6) and A[0, 0] > 0.5 > A[0, 3]
+
+
+def naive_loss_candidates(ca_before, emb, labels, mu, s, cands, k, threshold, mse_threshold):
+    """Naive CA loss with a source's candidate rows: background and negatives among them."""
+    need = max(1, ca_before.warm_up * ca_before.bank_size)
+    total, n = torch.zeros((), dtype=emb.dtype), 0
+    for b, L in enumerate(labels):
+        for lab in L.tolist():
+            n += 1
+            if int(ca_before.count[lab]) < need:
+                continue
+            x = emb[b].detach()
+            fg = ca_before.similarity(x, lab)
+            if len(L) > 1:
+                bgs = [c for c in L.tolist() if c != lab and int(ca_before.count[c]) >= need]
+            else:
+                bgs = naive_background(ca_before, x, lab, mu, cands, threshold, mse_threshold)
+            bg = sum(ca_before.similarity(x, c) for c in bgs) / len(bgs) if bgs else 1 - fg
+            diff = fg - bg
+            A = torch.sigmoid((diff - diff.mean()) / (diff.std(unbiased=False) + 1e-5))
+            pooled = (emb[b] * A).mean(dim=(1, 2))
+            others = [c for c in cands if c not in L.tolist()]
+            if k is not None:
+                others = sorted(others, key=lambda c: -float(pooled.detach() @ mu[c].detach()))[:k]
+            z = s * torch.stack([pooled @ mu[c] for c in [lab] + others])
+            total = total + torch.logsumexp(z, 0) - z[0]
+    return total / n
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_loss_with_source_candidates_and_k_matches_naive(k):
+    C, d = 12, 5
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(C, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    cands = [0, 2, 3, 5, 6, 8, 9, 11]  # this source's rows
+    ca = CAClassifier(C, d, bank_size=1, topk=2).double()
+    for c in range(C):  # every class warm, other sources' too
+        ca._push(
+            F.normalize(torch.randn(1, d, generator=g, dtype=torch.float64), dim=1),
+            torch.tensor([c]),
+        )
+    labels = [torch.tensor([2, 5]), torch.tensor([8]), torch.tensor([0])]
+    emb = F.normalize(torch.randn(3, d, 4, 4, generator=g, dtype=torch.float64), dim=1)
+    emb.requires_grad_(True)
+    before = CAClassifier(C, d, bank_size=1, topk=2).double()
+    before.load_state_dict(ca.state_dict())
+    mu = F.normalize(w, dim=1)
+    got = ca.loss(
+        emb,
+        labels,
+        mu,
+        S,
+        k=k,
+        bg_threshold=0.1,
+        candidates=torch.tensor(cands),
+        bg_mse_threshold=1.0,
+    )
+    ref = naive_loss_candidates(before, emb, labels, mu, S, cands, k, 0.1, 1.0)
+    assert torch.allclose(got, ref, atol=1e-10)
+    ga = torch.autograd.grad(got, [emb, w], retain_graph=True)
+    gb = torch.autograd.grad(ref, [emb, w])
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-9)
+    others = [c for c in range(C) if c not in cands]
+    assert torch.all(ga[1][others] == 0)  # other sources' rows: never negatives
+    with pytest.raises(ValueError, match="not among the candidates"):
+        ca.loss(emb, [torch.tensor([1])] * 3, mu, S, candidates=torch.tensor(cands))
+
+
+def test_ca_loss_under_bf16_autocast_equals_fp32(monkeypatch):
+    C, d = 40, 16
+    g = torch.Generator().manual_seed(12)
+    mu = F.normalize(torch.randn(C, d, generator=g), dim=1)
+    labels = [torch.tensor([3, 9]), torch.tensor([17]), torch.tensor([25])]
+    base = F.normalize(torch.randn(3, d, 1, 1, generator=g), dim=1)
+    embs = [F.normalize(base + 0.4 * torch.randn(3, d, 6, 6, generator=g), dim=1) for _ in range(3)]
+
+    def run(autocast):
+        ca = CAClassifier(C, d, bank_size=1, topk=3)
+        outs = []
+        for e in embs:
+            e = e.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = ca.loss(e, labels, mu, S, k=5)
+            outs.append((out.detach(), torch.autograd.grad(out, e)[0]))
+        return outs, ca.bank.clone()
+
+    ref, bank_ref = run(False)
+    got, bank_got = run(True)
+    assert ref[-1][0] > 0  # warm by the last step
+    for (a, ga), (b, gb) in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
+    assert torch.equal(bank_got, bank_ref)
+    # the public enqueue / similarity too (bf16 inputs are computed on in fp32)
+    e16 = embs[0][0].bfloat16()
+    score = torch.einsum("dhw,d->hw", e16.float(), mu[3])
+    a, b = CAClassifier(C, d, topk=3), CAClassifier(C, d, topk=3)
+    a.enqueue(e16.float(), score, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b.enqueue(e16, score, 3)
+        sim16 = b.similarity(e16, 3)
+    assert torch.equal(a.bank, b.bank) and sim16.dtype == torch.float32
+    assert torch.allclose(sim16, a.similarity(e16.float(), 3), rtol=1e-6, atol=1e-7)
+    # without the fp32 guard (in_fp32 made a no-op) the same steps give another loss
+    monkeypatch.setattr(knn, "fp32_math", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(knn, "_fp32", lambda t: t)
+    unguarded, _ = run(True)
+    assert (unguarded[-1][0] - ref[-1][0]).abs() > 1e-4
 
 
 def _free_port():

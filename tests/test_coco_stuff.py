@@ -4,12 +4,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from data_fixtures import write_jpeg, write_png
+from data_fixtures import coco_trainid, write_coco_stuff, write_jpeg, write_png
+from PIL import Image
 from pycocotools import mask as mask_utils
 
+from larvess.data import coco_stuff
 from larvess.data.coco_stuff import CocoStuff
 from larvess.data.transforms import TrainAugment
-from larvess.vocab import COCO_STUFF_UNUSED_IDS
+from larvess.names import COCO_STUFF_UNUSED_IDS
 
 # pycocotools' own numpy-2 deprecation when the fixture decodes masks
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -89,9 +91,6 @@ def coco_root(tmp_path):
         png = np.where(exp >= 0, 0, 255)
         kept = [k for k in range(1, 183) if k not in COCO_STUFF_UNUSED_IDS]
         png[exp >= 0] = np.asarray(kept)[exp[exp >= 0]] - 1  # PNG value = id - 1
-        if i == 1:
-            png[0, 0] = 11  # an unused id (12) in the PNG -> ignore
-            exp[0, 0] = -1
         write_png(root / "stuffthingmaps" / split / f"{name}.png", png)
         images.append({"id": 100 + i, "file_name": f"{name}.jpg", "height": H, "width": W})
         for a in stuff:
@@ -126,9 +125,6 @@ def test_png_and_json_paths_agree_with_plain_painting(coco_root):
         assert key_p == key_j and img_p.shape == (H, W, 3) and np.array_equal(img_p, img_j)
         exp = expected[key_p]
         np.testing.assert_array_equal(lab_p, exp)
-        # the JSON path does not know the one unused PNG pixel of image 1
-        if k == 1:
-            lab_j[0, 0] = -1
         np.testing.assert_array_equal(lab_j, exp)
         seen |= set(np.unique(exp).tolist())
     assert seen == {-1} | {_local(c) for c in THINGS + STUFF}
@@ -208,3 +204,179 @@ def test_read_class_names_without_data(coco_root):
     assert CocoStuff.read_class_names(root) == CocoStuff(root, split=None).class_names
     with pytest.raises(FileNotFoundError, match="nolabels.txt"):
         CocoStuff.read_class_names(root, root / "nolabels.txt")
+
+
+# --- the on-disk layouts, with the package's class names (no labels.txt in any download) ---
+
+GIRAFFE, GRASS, PERSON, WOOD, STOP_SIGN = 25, 124, 1, 182, 13  # labels.txt ids
+LAYOUTS = {  # fixture layout -> (detected layout, label format)
+    "raw": ("raw", "raw182"),
+    "raw_stuffthingmaps": ("raw", "raw182"),
+    "mmseg": ("mmseg", "trainid171"),
+    "detectron2": ("detectron2", "trainid171"),
+    "detectron2_only": ("detectron2", "trainid171"),
+}
+
+
+def _scenes(n=2, h=24, w=32):
+    """{stem: labels.txt id map}: mostly giraffe, grass and wood bands, a person, unlabeled."""
+    out = {}
+    for i in range(n):
+        ids = np.full((h, w), GIRAFFE)
+        ids[:, : 4 + i] = GRASS
+        ids[-3:] = WOOD
+        ids[2:6, 20:24] = PERSON
+        ids[0, :] = 0
+        out[f"{i:012d}"] = ids
+    return out
+
+
+def _expected(ids):
+    return np.vectorize(lambda c: -1 if c == 0 else coco_trainid(int(c)))(ids)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_layout_detected_and_read_with_the_right_class(tmp_path, layout, capsys):
+    root = tmp_path / "coco"
+    scenes = _scenes()
+    write_coco_stuff(root, layout, scenes)
+    ds = CocoStuff(root, transform=TrainAugment(crop_size=16))
+    assert (ds.layout, ds.label_format) == LAYOUTS[layout]
+    assert "layout " + LAYOUTS[layout][0] in capsys.readouterr().err  # announced once
+    CocoStuff(root)
+    assert "layout" not in capsys.readouterr().err
+    assert len(ds.class_names) == 171 and ds.wnids is None
+    assert ds.class_names[coco_trainid(GIRAFFE)] == ["giraffe"] and coco_trainid(GIRAFFE) == 23
+    assert ds.class_names[0] == ["person"] and ds.class_names[170] == ["wood"]
+    assert len(ds) == 2
+    for k in range(2):
+        _, label, key = ds.load(k)
+        np.testing.assert_array_equal(label, _expected(scenes[key]))
+    rows = torch.arange(171) + 1000
+    ds.set_rows(rows)
+    assert torch.equal(ds.rows, rows)
+    s = ds.get(0, np.random.default_rng(0))
+    vals = set(s["label"].unique().tolist())
+    assert 1000 + 23 in vals  # a giraffe pixel -> the giraffe row
+    assert vals <= {-1} | {1000 + coco_trainid(c) for c in (GIRAFFE, GRASS, PERSON, WOOD)}
+
+
+def test_precedence_and_explicit_override(tmp_path, capsys):
+    root = tmp_path / "coco"
+    scenes = _scenes()
+    write_coco_stuff(root, "detectron2", scenes)  # stuffthingmaps/ (raw) + _detectron2
+    write_coco_stuff(root, "mmseg", scenes)  # annotations/: raw + _labelTrainIds
+    ds = CocoStuff(root)
+    err = capsys.readouterr().err
+    assert ds.layout == "detectron2" and ds.label_dir.name == "train2017"
+    assert "also present, not used: mmseg" in err and "raw (" in err
+    assert ds.items[0][1].parent == root / "images" / "train2017"  # before root/train2017
+    raw = CocoStuff(root, label_format="raw182")
+    assert raw.layout == "raw" and raw.label_dir == root / "annotations" / "train2017"
+    assert all(not p.name.endswith("_labelTrainIds.png") for _, _, p in raw.items)
+    assert len(raw) == 2 and raw.items[0][1].parent == root / "images" / "train2017"
+    for d in (ds, raw):
+        _, label, key = d.load(1)
+        np.testing.assert_array_equal(label, _expected(scenes[key]))
+    (root / "stuffthingmaps_detectron2").rename(tmp_path / "elsewhere")
+    mm = CocoStuff(root)
+    assert mm.layout == "mmseg" and mm.items[0][2].name == "000000000000_labelTrainIds.png"
+    _, label, key = mm.load(1)
+    np.testing.assert_array_equal(label, _expected(scenes[key]))
+    with pytest.raises(ValueError, match="label_format must be one of"):
+        CocoStuff(root, label_format="raw")
+
+
+def test_override_reads_a_raw_named_folder_as_trainids(tmp_path, caplog):
+    """trainId PNGs converted in place into stuffthingmaps/: read as raw182 they fail on the
+    first trainId that is an unused raw value; label_format="trainid171" reads them."""
+    root = tmp_path / "coco"
+    scenes = _scenes()
+    scenes["000000000000"][8:10, 8:10] = STOP_SIGN  # trainId 11 = raw value of unused id 12
+    write_coco_stuff(root, "raw_stuffthingmaps", scenes)
+    for stem, ids in scenes.items():
+        trainid = np.where(ids == 0, 255, _expected(ids))
+        write_png(root / "stuffthingmaps" / "train2017" / f"{stem}.png", trainid)
+    auto = CocoStuff(root)
+    assert auto.label_format == "raw182"
+    with pytest.raises(ValueError, match=r"000000000000.png: label value 11 is COCO-Stuff id 12"):
+        auto.load(0)
+    with caplog.at_level(logging.WARNING):
+        ds = CocoStuff(root, label_format="trainid171")
+    assert "no trainid171 layout" in caplog.text
+    assert (ds.layout, ds.label_format) == ("raw", "trainid171")
+    for k in range(2):
+        _, label, key = ds.load(k)
+        np.testing.assert_array_equal(label, _expected(scenes[key]))
+
+
+def test_invalid_values_name_file_and_value(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_stuff(root, "mmseg", _scenes())
+    raw_png = root / "annotations" / "train2017" / "000000000001.png"
+    tid_png = root / "annotations" / "train2017" / "000000000001_labelTrainIds.png"
+    for value in (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90):
+        lab = np.asarray(Image.open(raw_png)).copy()
+        lab[5, 5] = value
+        write_png(raw_png, lab)
+        ds = CocoStuff(root, label_format="raw182")
+        with pytest.raises(
+            ValueError,
+            match=rf"000000000001.png: label value {value} is "
+            rf"COCO-Stuff id {value + 1} .*never used",
+        ):
+            ds.load(1)
+    lab[5, 5] = 182  # beyond the 182 ids of labels.txt
+    write_png(raw_png, lab)
+    with pytest.raises(ValueError, match=r"000000000001.png: label value 182 is not a class"):
+        CocoStuff(root, label_format="raw182").load(1)
+    for value in (171, 200, 254):
+        lab = np.asarray(Image.open(tid_png)).copy()
+        lab[3, 3] = value
+        write_png(tid_png, lab)
+        with pytest.raises(
+            ValueError,
+            match=rf"000000000001_labelTrainIds.png: label value "
+            rf"{value} is not a trainid171 value \(0..170, 255 ignore\)",
+        ):
+            CocoStuff(root).load(1)
+    CocoStuff(root).load(0)  # the other image is fine
+
+
+def test_set_rows_checks_length_and_names_root(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_stuff(root, "raw", _scenes(1))
+    ds = CocoStuff(root)
+    assert ds.rows is None
+    with pytest.raises(ValueError, match=rf"CocoStuff {root}: rows has shape \(170,\)"):
+        ds.set_rows(torch.arange(170))
+    with pytest.raises(ValueError, match="one row per class"):
+        ds.rows = torch.arange(172)  # the attribute form validates too
+    with pytest.raises(ValueError, match=str(root)):
+        CocoStuff(root, rows=torch.arange(3))
+    ds.rows = torch.arange(171)
+    assert ds.rows.dtype == torch.int64
+
+
+def test_names_file_precedence_and_missing_labels(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_stuff(root, "raw", _scenes(1))
+    assert CocoStuff.read_class_names(root)[23] == ["giraffe"]  # the package's labels.txt
+    lines = ["0: unlabeled"] + [f"{i}: my{i}" for i in range(1, 183)]
+    (tmp_path / "mine.txt").write_text("\n".join(lines) + "\n")
+    assert CocoStuff(root, labels_file=tmp_path / "mine.txt").class_names[23] == ["my25"]
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    assert CocoStuff.read_class_names(root)[23] == ["my25"]
+    with pytest.raises(FileNotFoundError, match="no COCO-Stuff label maps for split 'val2017'"):
+        CocoStuff(root, split="val2017")
+    with pytest.raises(FileNotFoundError, match="COCO-Stuff root not found"):
+        CocoStuff(tmp_path / "nowhere")
+
+
+def test_announce_goes_through_logging_when_configured(tmp_path, capsys, caplog):
+    root = tmp_path / "coco"
+    write_coco_stuff(root, "raw", _scenes(1))
+    coco_stuff._ANNOUNCED.clear()
+    with caplog.at_level(logging.INFO, logger="larvess.data.coco_stuff"):
+        CocoStuff(root)
+    assert "layout raw" in caplog.text

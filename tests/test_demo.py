@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage(tmp_path):
     world, runs = tmp_path / "world", tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

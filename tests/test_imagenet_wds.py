@@ -1,4 +1,5 @@
-"""ImageNet WebDataset shards: round trip, odd inputs, kill + resume, timm, disjoint readers."""
+"""ImageNet WebDataset shards: round trip, odd inputs, kill + resume, timm, disjoint readers,
+shards from pipe: commands and URLs, the reader protocol (class_names, wnids, set_rows)."""
 
 from __future__ import annotations
 
@@ -293,3 +294,61 @@ def test_reader_rows_transform_and_corrupt(tmp_path: Path) -> None:
     assert ds.num_corrupt >= 1 and calls[0] == ("RGB", None, "Generator")
     with pytest.raises(ValueError, match="rows"):
         ImageNetShards(tmp_path, rows=torch.arange(4))
+
+
+def _all_keys(ds: ImageNetShards, n: int) -> set[str]:
+    return {s["key"] for s in itertools.islice(iter(ds), n)}
+
+
+def test_shards_from_pipe_and_file_url(tree, tmp_path: Path) -> None:
+    root, files, bad = tree
+    out = tmp_path / "sh"
+    info = write_shards(root, out, shard_size=4, progress=False)
+    by_shard = _keys_by_shard(out)
+    keys = set().union(*by_shard.values())
+    kw = dict(rank=0, world_size=1, shuffle_buffer=10)
+    local = ImageNetShards(out, **kw)
+    assert _all_keys(local, 200) == keys and local.num_samples == info["num_samples"]
+    piped = ImageNetShards(f"pipe:cat {out}/imagenet-{{000000..000004}}.tar", **kw)
+    assert piped.info_url == f"pipe:cat {out}/info.json"  # the same command, for info.json
+    assert piped.urls[1] == f"pipe:cat {out}/imagenet-000001.tar"
+    assert _all_keys(piped, 200) == keys and piped.synsets == WNIDS
+    url = ImageNetShards(f"file://{out}", **kw)
+    assert url.info_url == f"file://{out}/info.json" and _all_keys(url, 200) == keys
+    sub = ImageNetShards(
+        f"file://{out}/imagenet-{{000001..000002}}.tar", info=str(out / "info.json"), **kw
+    )
+    assert _all_keys(sub, 100) == {
+        *by_shard["imagenet-000001.tar"],
+        *by_shard["imagenet-000002.tar"],
+    }
+    assert sub.num_samples == sum(info["shard_lengths"][1:3])
+    with pytest.raises(ValueError, match="no shard pattern"):
+        ImageNetShards(f"pipe:cat {out}/imagenet-000000.tar")
+    with pytest.raises(FileNotFoundError, match=r"cannot read pipe:cat .*nowhere/info\.json"):
+        ImageNetShards(f"pipe:cat {tmp_path}/nowhere/imagenet-{{000000..000004}}.tar")
+    with pytest.raises(ValueError, match="names none of the 5 shards"):
+        ImageNetShards(f"pipe:cat {out}/other-{{000000..000001}}.tar", info=out / "info.json")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ImageNetShards(tmp_path / "missing")
+
+
+def test_reader_protocol(tree, tmp_path: Path) -> None:
+    root, _, _ = tree
+    write_shards(root, tmp_path / "sh", shard_size=4, progress=False)
+    lemmas = tmp_path / "lemmas.txt"
+    lemmas.write_text("n00000001\tcat, true cat\nn00000002\tdog\nn00000003\tbird\n")
+    ds = ImageNetShards(tmp_path / "sh", names_file=lemmas)
+    assert ds.wnids == WNIDS and ds.class_names == [["cat", "true cat"], ["dog"], ["bird"]]
+    ds.set_rows(torch.tensor([4, 5, 6]))
+    assert ds.rows.tolist() == [4, 5, 6] and ds.rows.dtype == torch.long
+    with pytest.raises(ValueError, match=r"rows must be a LongTensor \[3\].*sh/info\.json"):
+        ds.set_rows(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="rows"):
+        ds.rows = torch.zeros(3)  # float: not a row mapping
+    lemmas.write_text("n00000001\tcat\n")
+    with pytest.raises(ValueError, match=r"lemmas\.txt: no lemma for 2 of the 3.*n00000002"):
+        ImageNetShards(tmp_path / "sh", names_file=lemmas)
+    lazy = ImageNetShards(tmp_path / "sh")  # timm's table, read at first use: no fake wnids
+    with pytest.raises(ValueError, match=r"imagenet_synset_to_lemma\.txt: no lemma for 3"):
+        _ = lazy.class_names

@@ -77,3 +77,108 @@ def test_bad_k_is_a_clear_error():
         knn.search(q, t, 6, exclude=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown backend"):
         knn.search(q, t, 2, backend="annoy")
+
+
+# ---- chunk sizes from the device -------------------------------------------------------------
+def _fake_cuda(monkeypatch, free, reserved=0, allocated=0):
+    calls = []
+
+    def mem_get_info(device=None):
+        calls.append(device)
+        return free, 80 << 30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+    return calls
+
+
+def test_block_elems_is_a_fraction_of_free_cuda_memory(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    calls = _fake_cuda(monkeypatch, free=8 << 30, reserved=3 << 30, allocated=1 << 30)
+    # free counts the allocator's cached-but-unused blocks: 8 + (3 - 1) = 10 GiB
+    assert knn.free_bytes(gpu) == 10 << 30
+    assert knn.block_elems(gpu, 1 << 22, fraction=0.25, elem_bytes=4) == (10 << 30) // 16
+    assert knn.block_elems(gpu, 1 << 22, fraction=0.25, elem_bytes=8) == (10 << 30) // 32
+    _fake_cuda(monkeypatch, free=1 << 20)  # almost full device: never below the CPU size
+    assert knn.block_elems(gpu, 1 << 22) == 1 << 22
+    _fake_cuda(monkeypatch, free=1 << 45)  # huge: capped at 2**31 - 1 elements
+    assert knn.block_elems(gpu, 1 << 22) == (1 << 31) - 1
+    # on the CPU the constant, without asking CUDA anything
+    calls.clear()
+    assert knn.block_elems(torch.device("cpu"), 12345) == 12345 and calls == []
+
+
+def test_search_plan_issues_a_handful_of_blocks_on_a_gpu(monkeypatch):
+    # c171_i21k: ~2M labelled pixels against 21,841 rows, k+1 = 9
+    N, C, k = 2_000_000, 21_841, 9
+
+    def n_blocks(block):
+        q, c = knn._search_plan(N, C, k, block)
+        assert q * c <= max(block, k * q)  # one block of scores stays within the budget
+        return -(-N // q) * -(-C // c)
+
+    assert n_blocks(knn._BLOCK_ELEMS) > 10_000  # the CPU constant: ~11K matmul + topk calls
+    _fake_cuda(monkeypatch, free=60 << 30)  # an H100 with 60 GiB free
+    gpu_block = knn.block_elems(torch.device("cuda"), knn._BLOCK_ELEMS, elem_bytes=4)
+    assert n_blocks(gpu_block) <= 32
+
+
+def test_torch_search_takes_its_block_from_the_device(monkeypatch):
+    # pretend the CPU were a device with 4000 free bytes: block = 0.25 * 4000 / 8 (float64)
+    monkeypatch.setattr(knn, "free_bytes", lambda device: 4000)
+    monkeypatch.setattr(knn, "_BLOCK_ELEMS", 16)
+    seen = []
+    plan = knn._search_plan
+    monkeypatch.setattr(knn, "_search_plan", lambda *a: seen.append(a[-1]) or plan(*a))
+    q, t = unit(29, 6, 10), unit(150, 6, 11)
+    got = knn.search(q, t, 5, backend="torch")
+    assert seen == [125]
+    ref = brute_force(q, t, 5)
+    for i in range(29):
+        assert set(got[i].tolist()) == set(ref[i])
+
+
+# ---- faiss: resident index, GPU fallback ---------------------------------------------------
+@pytest.mark.skipif("faiss" not in knn.available_backends(), reason="faiss not installed")
+def test_faiss_index_stays_resident_and_is_refilled_each_call():
+    q = unit(40, 7, 12)
+    t1, t2 = unit(30, 7, 13), unit(45, 7, 14)
+    a = knn.search(q, t1, 3, backend="faiss")
+    index = knn._INDEXES[("cpu", 7)]
+    b = knn.search(q, t2, 3, backend="faiss")  # a new table: no stale rows of t1
+    assert knn._INDEXES[("cpu", 7)] is index and index.ntotal == 45
+    for got, t in ((a, t1), (b, t2)):
+        ref = brute_force(q, t, 3)
+        for i in range(40):
+            assert set(got[i].tolist()) == set(ref[i])
+
+
+def test_faiss_on_cuda_without_gpu_faiss_falls_back_to_torch(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(knn, "_HAS_FAISS", True)
+    monkeypatch.setattr(knn, "_FAISS_GPU", False)
+    monkeypatch.setattr(knn, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="no GPU support"):
+        assert knn._resolve_backend("faiss", 10, 10, gpu) == "torch"
+    monkeypatch.setattr(knn, "_FAISS_GPU", True)
+    assert knn._resolve_backend("faiss", 10, 10, gpu) == "faiss"
+    assert knn._resolve_backend("auto", 10**6, 10, gpu) == "torch"
+    assert knn._resolve_backend("faiss", 10, 10, torch.device("cpu")) == "faiss"
+
+
+# ---- fp32 under autocast -----------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_under_bf16_autocast_equals_fp32(backend):
+    q = unit(1500, 64, 15).float()
+    t = unit(1000, 64, 16).float()
+    ref = knn.search(q, t, 9, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = (q @ t.T).topk(9, dim=1).indices  # what an unprotected search would compute
+        got = knn.search(q, t, 9, backend=backend)
+        got_bf16_in = knn.search(q.bfloat16(), t, 9, backend=backend)
+    changed = sum(set(a) != set(b) for a, b in zip(raw.tolist(), ref.tolist()))
+    assert changed > 0.03 * len(q)  # bf16 scores change many neighbour sets (~10% here)
+    assert torch.equal(got, ref)
+    # a bf16 input is searched in fp32 (not in bf16): same as searching its fp32 copy
+    assert torch.equal(got_bf16_in, knn.search(q.bfloat16().float(), t, 9, backend=backend))

@@ -10,6 +10,7 @@ from larvess.losses import (
     image_level_ce,
     knn_sampled_ce,
     margin_regularizer,
+    pooled_ce,
 )
 
 S = 40.0
@@ -213,3 +214,108 @@ def test_gather_dot_matches_autograd_of_plain_gather(monkeypatch):
     assert torch.autograd.gradcheck(losses._GatherDot.apply, (x, mu, rows))
     plain = torch.einsum("nd,nkd->nk", x, mu[rows])
     assert torch.allclose(losses._GatherDot.apply(x, mu, rows), plain)
+
+
+# ---- per-source rows through an index ----------------------------------------------------------
+def test_restricting_to_a_sources_rows_keeps_gradients_on_those_rows_of_the_full_table():
+    C, d = 20, 5
+    rows = torch.tensor([3, 7, 8, 12, 15, 19])  # the source's global rows
+    w = leaf(torch.randn(C, d, dtype=torch.float64))
+    emb_raw = leaf(torch.randn(2, d, 3, 3, dtype=torch.float64))
+    target = torch.randint(0, len(rows), (2, 3, 3), generator=torch.Generator().manual_seed(30))
+    target[1, 0, 0] = -1
+    labels = [torch.tensor([0, 4]), torch.tensor([2])]  # local ids
+
+    def terms(k):
+        mu = F.normalize(w, dim=1)[rows]
+        x = F.normalize(emb_raw, dim=1)
+        return knn_sampled_ce(x, target, mu, k, S), image_level_ce(x, labels, mu, S, k=k)
+
+    def naive():
+        mu = F.normalize(w, dim=1)[rows]
+        x = F.normalize(emb_raw, dim=1)
+        seg = F.cross_entropy(S * torch.einsum("bdhw,cd->bchw", x, mu), target, ignore_index=-1)
+        return seg, naive_image_ce(x, labels, mu, S)
+
+    for ours, ref in zip(terms(len(rows)), naive()):  # k covers every other row: exact
+        assert torch.allclose(ours, ref, atol=1e-10)
+        g1 = torch.autograd.grad(ours, [w, emb_raw], retain_graph=True)
+        g2 = torch.autograd.grad(ref, [w, emb_raw], retain_graph=True)
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, atol=1e-10)
+    outside = torch.ones(C, dtype=torch.bool)
+    outside[rows] = False
+    for term in terms(2):  # sampled negatives: still only the source's rows move
+        (gw,) = torch.autograd.grad(term, [w], retain_graph=True)
+        assert torch.all(gw[outside] == 0) and gw[rows].abs().sum() > 0
+
+
+# ---- chunk sizes -------------------------------------------------------------------------------
+def test_gather_chunks_are_sized_from_the_device(monkeypatch):
+    from larvess import losses
+
+    x = torch.empty(10, 64)
+    assert losses._gather_step(x, 10) == losses._GATHER_ELEMS // 640  # CPU constant
+    # c171_i21k: ~2M labelled pixels x (k+1 = 10) x d = 64 is ~1.2K chunks on the CPU size;
+    # with 60 GiB free on a GPU one chunk (each of backward's two temporaries <= 1/8 of free)
+    monkeypatch.setattr(knn, "free_bytes", lambda device: 60 << 30)
+    step = losses._gather_step(x, 10)
+    assert step == (int(0.125 * (60 << 30)) // 4) // 640 and -(-2_000_000 // step) == 1
+
+
+# ---- fp32 under bf16 autocast ------------------------------------------------------------------
+def _f32(*shape, seed, dim=-1):
+    return unit(*shape, seed=seed, dim=dim).float()
+
+
+def _grads(fn, *leaves, autocast=False):
+    """Forward (under bf16 autocast if asked), backward outside it, as a training step does."""
+    leaves = [t.clone().requires_grad_(True) for t in leaves]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves)
+
+
+@pytest.mark.parametrize("name", ["knn", "knn_grid", "image", "image_k"])
+def test_losses_under_bf16_autocast_equal_the_fp32_path(name):
+    C, d = 300, 32
+    # one object per image plus pixel noise: pooled embeddings of norm ~1, logits up to ~40
+    noise = torch.randn(2, d, 8, 8, generator=torch.Generator().manual_seed(40))
+    emb = F.normalize(_f32(2, d, 1, 1, seed=44, dim=1) + 0.3 * noise, dim=1)
+    mu = _f32(C, d, seed=41)
+    target = torch.randint(0, C, (2, 8, 8), generator=torch.Generator().manual_seed(42))
+    labels = [torch.tensor([1, 5]), torch.tensor([7])]
+    grid = F.normalize(F.avg_pool2d(emb, 2), dim=1)
+    fns = {
+        "knn": lambda x, m: knn_sampled_ce(x, target, m, 8, S),
+        "knn_grid": lambda x, m: knn_sampled_ce(x, target, m, 8, S, grid=grid),
+        "image": lambda x, m: image_level_ce(x, labels, m, S),
+        "image_k": lambda x, m: image_level_ce(x, labels, m, S, k=8),
+    }
+    fn = fns[name]
+    ref, ref_g = _grads(fn, emb, mu)
+    got, got_g = _grads(fn, emb, mu, autocast=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # bf16 inputs (a bf16 forward's output) are computed in fp32 too
+        got16 = fn(emb.bfloat16(), mu.bfloat16())
+        # the same math without the fp32 guard computes something else
+        if name.startswith("knn"):
+            unguarded = knn_sampled_ce.__wrapped__(emb, target, mu, 8, S)
+        else:
+            pooled = emb.mean(dim=(2, 3))[[0, 0, 1]]
+            excl = [labels[0], labels[0], labels[1]]
+            tgt = torch.tensor([1, 5, 7])
+            unguarded = pooled_ce.__wrapped__(pooled, tgt, excl, mu, S).mean()
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_g, ref_g):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(got16, fn(emb.bfloat16().float(), mu.bfloat16().float()), atol=1e-6)
+    assert (unguarded.float() - ref).abs() > 1e-3
+
+
+def test_margin_regularizer_under_bf16_autocast_equals_fp32():
+    w = torch.randn(400, 8, generator=torch.Generator().manual_seed(43))
+    ref, ref_g = _grads(lambda t: margin_regularizer(F.normalize(t, dim=1), 0.5), w)
+    got, got_g = _grads(lambda t: margin_regularizer(F.normalize(t, dim=1), 0.5), w, autocast=True)
+    assert ref > 0 and torch.allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(got_g[0], ref_g[0], rtol=1e-5, atol=1e-7)

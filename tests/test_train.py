@@ -9,59 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, tiny
 
-from larvess.data.imagenet_shards import write_shards
-from larvess.data.toy import make_toy_world
-
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(ROOT / "scripts"))
 import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("toy")
-    make_toy_world(out, seed=3, size=64, n_coco=24, n_imagenet_per_class=3, n_ade_train=24,
-                   n_ade_val=4, num_base=4, num_novel=4, workers=1, progress=False)  # fmt: skip
-    write_shards(out / "imagenet", out / "shards", shard_size=4, workers=1)
-    return out
-
-
-def tiny(world: Path, runs: Path, name: str, steps: int, *extra: str, imagenet=True) -> list[str]:
-    """Overrides that shrink recipes/toy.yaml to a model and batches that step in ~0.1 s.
-
-    imagenet=False keeps the map-style sources only, whose data stream resumes exactly."""
-    args = [str(ROOT / "recipes" / "toy.yaml"), f"name={name}", f"runs_dir={runs}"]
-    names = ["coco", "imagenet", "wa"] if imagenet else ["coco", "wa"]
-    if not imagenet:  # the list is replaced first, then its entries are set by name
-        args.append(
-            "data=[{name: coco, kind: coco_stuff, root: x}, {name: wa, kind: wa150, root: y}]"
-        )
-    args += [
-        "model.backbone_kwargs={depth: 1, embed_dim: 48, num_heads: 3}",
-        "model.img_size=64",
-        "model.dim=8",
-        f"schedule.steps={steps}",
-        "schedule.warmup_steps=1",
-        "train.log_every=1",
-        "loss.ca_bank_size=2",
-        "loss.ca_topk=4",
-        f"data.coco.root={world / 'coco_stuff'}",
-        f"data.wa.root={world / 'ade'}",
-    ]
-    if imagenet:
-        args += [f"data.imagenet.root={world / 'shards'}",
-                 f"data.imagenet.names={world / 'imagenet_lemmas.txt'}"]  # fmt: skip
-    for n in names:
-        args += [f"data.{n}.batch_size=2", f"data.{n}.crop_size=64", f"data.{n}.num_workers=0"]
-    return args + list(extra)
 
 
 def load_params(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_processes_step_in_lockstep(world, tmp_path):
     out = tmp_path / "ranks"
     out.mkdir()
@@ -70,7 +29,9 @@ def test_two_processes_step_in_lockstep(world, tmp_path):
     launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     cmd = launch + [str(ROOT / "tests" / "train_driver.py"), str(out)]
-    cmd += tiny(world, tmp_path / "runs", "ddp", 4, "train.ckpt_every=4")
+    # global batch 4 per source = 2 per process
+    batch = [f"data.{n}.batch_size=4" for n in ("coco", "wa", "imagenet")]
+    cmd += tiny(world, tmp_path / "runs", "ddp", 4, "train.ckpt_every=4", *batch)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -111,6 +72,7 @@ def test_resume_matches_straight_run(world, tmp_path):
     assert not torch.allclose(c["table"]["weight"], a["table"]["weight"])
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_and_finishes(world, tmp_path):
     runs = tmp_path / "runs"
     args = tiny(world, runs, "killed", 40, "train.ckpt_every=2")

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from data_fixtures import REFERENCE, write_object_info
@@ -10,12 +12,7 @@ from larvess.vocab import (
     read_synset_lemmas,
 )
 
-needs_ref = pytest.mark.skipif(
-    not (REFERENCE / "objectInfo150.txt").is_file(), reason=f"reference files absent: {REFERENCE}"
-)
 
-
-@needs_ref
 def test_real_reference_files_parse():
     ade = read_names_file(REFERENCE / "objectInfo150.txt")
     assert len(ade) == 150
@@ -34,14 +31,14 @@ def test_real_reference_files_parse():
     assert full[0] == ["wall"] and full[-1] == ["adding machine", "totalizer", "totaliser"]
 
 
-@needs_ref
 def test_ade150_base_novel_split_against_coco_stuff():
     v = Vocabulary()
     coco = read_names_file(REFERENCE / "cocostuff_labels.txt")
     rows_c = v.add_source("coco_stuff", coco, has_masks=True)
     assert rows_c.tolist() == list(range(171))  # no two COCO classes merged
     ade = read_names_file(REFERENCE / "objectInfo150.txt")
-    rows, base = v.split(ade)
+    rows = v.match(ade)
+    base = v.is_base(rows)
     n_base = int(base.sum())
     print(f"\nADE-150 vs COCO-Stuff-171: {n_base} base / {150 - n_base} novel (LarvSeg: 63 / 87)")
     assert 40 <= n_base <= 90
@@ -71,16 +68,27 @@ def test_normalisation_and_name_matching():
     assert v.is_base(torch.tensor([0, -1, 2])).tolist() == [True, False, True]
 
 
-def test_wordnet_id_beats_name_and_blocks_name_match():
+def test_synset_classes_merge_by_wordnet_id_only():
     v = Vocabulary()
-    v.add_source("in", [["cat"], ["hound", "hound dog"]], wnids=["n02121808", "n02087551"])
-    # same wnid as "hound" but named "cat": the wnid wins
-    assert v.add_source("x", [["cat"]], wnids=["n02087551"]).tolist() == [1]
-    # same name, different known wnids: no merge
-    assert v.add_source("y", [["cat"]], wnids=["n99999999"]).tolist() == [2]
-    # unknown wnid on one side: the name decides
-    assert v.add_source("z", [["hound dog"]]).tolist() == [1]
-    assert v.entries[1].sources == ["in", "x", "z"] and v.entries[2].wnid == "n99999999"
+    # dataset classes with curated synsets (COCO: "mouse" is the device, n03793489)
+    v.add_source("coco", [["mouse"], ["dog"], ["sky-other"]],
+                 wnids=[["n03793489"], ["n02084071"], []], has_masks=True)  # fmt: skip
+    # ImageNet synsets: the rodent "mouse" shares a lemma but not the synset -> its own row
+    rows = v.add_source(
+        "in", [["mouse"], ["dog", "domestic dog"], ["computer mouse", "mouse"], ["sky"]],
+        ["n02330245", "n02084071", "n03793489", "n09436708"], by_synset=True,
+    )  # fmt: skip
+    assert rows.tolist() == [3, 1, 0, 4]
+    assert v.entries[0].wnids == ["n03793489"] and v.entries[3].wnids == ["n02330245"]
+    assert v.entries[3].by_synset and not v.entries[0].by_synset
+    # a later dataset class never joins a synset-only row by name ("sky" row 4 is ImageNet's)
+    assert v.add_source("ade", [["sky"], ["mouse"]]).tolist() == [2, 0]
+    # two dataset classes whose synsets differ never merge by name
+    assert v.add_source("x", [["dog"]], wnids=[["n99999999"]]).tolist() == [5]
+    # unknown synsets on one side: the name decides
+    assert v.add_source("z", [["dog"]]).tolist() == [1]
+    with pytest.raises(ValueError, match="not a WordNet id"):
+        v.add_source("bad", [["cat"]], wnids=["cat"])
 
 
 def test_alias_file_merges(tmp_path):
@@ -122,6 +130,16 @@ def test_json_round_trip(tmp_path):
     assert torch.equal(w.match(q), v.match(q)) and w.match(q).tolist() == [0, 2, -1]
     assert torch.equal(w.is_base(torch.arange(3)), torch.tensor([True, True, False]))
     assert w.add_source("more", [["carpet"]]).tolist() == [0]
+    # version-1 files (one optional "wnid" per row) still load
+    data = json.loads((tmp_path / "v.json").read_text())
+    data["version"] = 1
+    for e in data["entries"]:
+        ws = e.pop("wnids")
+        e.pop("by_synset")
+        e["wnid"] = ws[0] if ws else None
+    (tmp_path / "v1.json").write_text(json.dumps(data))
+    old = Vocabulary.load(tmp_path / "v1.json")
+    assert [e.wnids for e in old.entries] == [e.wnids for e in v.entries]
 
 
 def test_names_file_formats_and_errors(tmp_path):
@@ -154,5 +172,5 @@ def test_names_file_formats_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_names_file(tmp_path / "missing.txt")
     v = Vocabulary()
-    with pytest.raises(ValueError, match="2 names but 1 wnids"):
+    with pytest.raises(ValueError, match="2 names but 1 wnid entries"):
         v.add_source("s", [["a"], ["b"]], wnids=["n01440764"])

@@ -12,8 +12,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import build  # noqa: E402
 import train  # noqa: E402
+
+from larvess import build  # noqa: E402
 
 out = Path(sys.argv[1])
 seen: dict[str, list[str]] = {}

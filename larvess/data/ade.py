@@ -2,9 +2,13 @@
 
 ade150: root = ADEChallengeData2016 (or its parent) with images/<split>/*.jpg and
 annotations/<split>/*.png; PNG 0 = ignore, 1..N -> local 0..N-1; names from
-root/objectInfo150.txt unless ``names_file`` (any number of lines).
-ade847: root with images_detectron2/<split>/*.jpg and annotations_detectron2/<split>/*.tif
-(uint16, 0..N-1 trainId, 65535 ignore); ``names_file`` (ade847_categories.tsv format) required.
+root/objectInfo150.txt (it ships in ADEChallengeData2016.zip), else the package's
+larvess/meta/objectInfo150.txt, unless ``names_file`` (any number of lines).
+ade847: the detectron2 layout images_detectron2/<split>/*.jpg + annotations_detectron2/<split>/*.tif
+(uint16, 0..N-1 trainId, 65535 ignore), found at root, root/ADE20K_2021_17_01 or one or two folder
+levels below root; names from ``names_file``, else the package's larvess/meta/ade847_categories.tsv.
+A root with only the ADE20K_2021_17_01 download (index_ade20k.pkl, images/ADE/) is an error that
+names the command preparing it (scripts/prepare_ade847.py).
 Any other label value is an error naming the file and the value.
 
 AdeTrain masks -> {"image" [3, c, c], "label" [c, c] rows, "key"}; weak=True (WA150 / WA847) ->
@@ -19,11 +23,84 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from larvess.data.coco_stuff import pair_files, read_label, read_rgb, to_rows
+from larvess.data.io import (
+    RowsMixin,
+    has_file,
+    meta_file,
+    pair_files,
+    read_label,
+    read_rgb,
+    to_rows,
+)
 from larvess.data.transforms import TrainAugment
-from larvess.vocab import read_names_file
+from larvess.names import read_names_file
 
 _IGNORE_847 = 65535
+ADE_FULL_DIR = "ADE20K_2021_17_01"
+PREPARE_SCRIPT = "scripts/prepare_ade847.py"
+
+
+def _is_prepared_847(d: Path) -> bool:
+    ann = d / "annotations_detectron2"
+    if not (d / "images_detectron2").is_dir() or not ann.is_dir():
+        return False
+    return any(has_file(s, ".tif") for s in ann.iterdir() if s.is_dir())
+
+
+def find_ade847_root(root: str | Path) -> Path:
+    """Folder holding the prepared ADE-847 layout: root, root/ADE20K_2021_17_01, or the one
+    folder one (else two) levels below root that has images_detectron2/ and TIFF labels in
+    annotations_detectron2/<split>/. The bare download is an error naming the prepare command."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ADE-847 root not found: {root}")
+    for d in (root, root / ADE_FULL_DIR):
+        if _is_prepared_847(d):
+            return d
+    for pattern in ("*/annotations_detectron2", "*/*/annotations_detectron2"):
+        found = sorted({p.parent for p in root.glob(pattern) if _is_prepared_847(p.parent)})
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise FileNotFoundError(
+                f"{root}: several prepared ADE-847 folders below it, pass one of them as the "
+                f"root: {', '.join(map(str, found))}"
+            )
+    for d in (root, root / ADE_FULL_DIR):
+        if (d / "index_ade20k.pkl").is_file() or (d / "images" / "ADE").is_dir():
+            raise FileNotFoundError(
+                f"{root}: found the {ADE_FULL_DIR} download at {d} but not the prepared ADE-847 "
+                "layout (images_detectron2/, annotations_detectron2/<split>/*.tif). Prepare it "
+                f"once with:  python {PREPARE_SCRIPT} --root {d} --out {d}"
+            )
+    raise FileNotFoundError(
+        f"no ADE-847 layout (images_detectron2/ and annotations_detectron2/<split>/*.tif) in "
+        f"{root} or up to two folder levels below it; prepare it from the {ADE_FULL_DIR} "
+        f"download with:  python {PREPARE_SCRIPT} --root <download> --out <dir>"
+    )
+
+
+def find_ade150_root(root: str | Path) -> Path:
+    """ADEChallengeData2016 folder: root itself or root/ADEChallengeData2016."""
+    root = Path(root)
+    if not (root / "images").is_dir() and (root / "ADEChallengeData2016").is_dir():
+        return root / "ADEChallengeData2016"
+    return root
+
+
+def ade_class_names(
+    root: str | Path | None, dataset: str, names_file: str | Path | None = None
+) -> list[list[str]]:
+    """Class names in local order: names_file, else (ade150) root's objectInfo150.txt, else the
+    package's objectInfo150.txt / ade847_categories.tsv."""
+    if names_file is not None:
+        return read_names_file(names_file)
+    if dataset == "ade847":
+        return read_names_file(meta_file("ade847_categories.tsv"))
+    if dataset != "ade150":
+        raise ValueError(f"dataset must be 'ade150' or 'ade847', got {dataset!r}")
+    local = find_ade150_root(root) / "objectInfo150.txt" if root is not None else None
+    return read_names_file(local if local and local.is_file() else meta_file("objectInfo150.txt"))
 
 
 def ade_layout(
@@ -34,28 +111,23 @@ def ade_layout(
     skip_missing: bool = False,
 ) -> tuple[list[list[str]], list[tuple[str, Path, Path]], int]:
     """(class names, [(key, image, label)], number skipped) of an ADE folder."""
-    root = Path(root)
+    d = resolve_ade_root(root, dataset)
+    names = ade_class_names(d, dataset, names_file)
     if dataset == "ade150":
-        if not (root / "images").is_dir() and (root / "ADEChallengeData2016").is_dir():
-            root = root / "ADEChallengeData2016"
-        names = read_names_file(names_file or root / "objectInfo150.txt")
-        pairs, skipped = pair_files(
-            root / "images" / split, ".jpg", root / "annotations" / split, ".png", skip_missing
-        )
-    elif dataset == "ade847":
-        if names_file is None:
-            raise ValueError("ade847 needs names_file (ade847_categories.tsv format)")
-        names = read_names_file(names_file)
-        pairs, skipped = pair_files(
-            root / "images_detectron2" / split,
-            ".jpg",
-            root / "annotations_detectron2" / split,
-            ".tif",
-            skip_missing,
-        )
+        dirs = (d / "images" / split, d / "annotations" / split, ".png")
     else:
-        raise ValueError(f"dataset must be 'ade150' or 'ade847', got {dataset!r}")
+        dirs = (d / "images_detectron2" / split, d / "annotations_detectron2" / split, ".tif")
+    pairs, skipped = pair_files(dirs[0], ".jpg", dirs[1], dirs[2], skip_missing)
     return names, pairs, skipped
+
+
+def resolve_ade_root(root: str | Path, dataset: str) -> Path:
+    """The folder the data of ``dataset`` lives in (see find_ade150_root / find_ade847_root)."""
+    if dataset == "ade150":
+        return find_ade150_root(root)
+    if dataset == "ade847":
+        return find_ade847_root(root)
+    raise ValueError(f"dataset must be 'ade150' or 'ade847', got {dataset!r}")
 
 
 def read_ade_label(path: str | Path, dataset: str, num_classes: int) -> np.ndarray:
@@ -89,10 +161,12 @@ def load_ade_item(
     return image, label, key
 
 
-class AdeTrain(torch.utils.data.Dataset):
+class AdeTrain(RowsMixin, torch.utils.data.Dataset):
     """ADE training images with pixel masks, or crop label sets with ``weak=True`` (WA150/847).
 
     full=False: ADE20K-150 (dataset "ade150"); full=True: ADE20K-full-847 ("ade847").
+    Reader protocol: ``class_names``, ``wnids`` (None), ``set_rows`` / ``rows``; ``root`` is the
+    folder the data was found in.
     """
 
     def __init__(
@@ -108,29 +182,20 @@ class AdeTrain(torch.utils.data.Dataset):
     ) -> None:
         self.dataset = "ade847" if full else "ade150"
         self.weak = weak
+        self.root = resolve_ade_root(root, self.dataset)
         self.class_names, self.items, self.n_skipped = ade_layout(
-            root, self.dataset, split or "training", names_file, skip_missing
+            self.root, self.dataset, split or "training", names_file, skip_missing
         )
-        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
-        if self.rows is not None and len(self.rows) != len(self.class_names):
-            raise ValueError(
-                f"rows has {len(self.rows)} entries for {len(self.class_names)} classes"
-            )
+        self.set_rows(rows)
         self.transform = transform if transform is not None else TrainAugment(512, pad=not weak)
 
     @staticmethod
     def read_class_names(
         root: str | Path, full: bool = False, names_file: str | Path | None = None
     ) -> list[list[str]]:
-        """Class names in local order (objectInfo150.txt of root, or names_file), no data read."""
-        if full:
-            if names_file is None:
-                raise ValueError("ade847 needs names_file (ade847_categories.tsv format)")
-            return read_names_file(names_file)
-        root = Path(root)
-        if not (root / "objectInfo150.txt").is_file() and (root / "ADEChallengeData2016").is_dir():
-            root = root / "ADEChallengeData2016"
-        return read_names_file(names_file or root / "objectInfo150.txt")
+        """Class names in local order (names_file, root's objectInfo150.txt for ade150, else the
+        package's names table), without reading the data."""
+        return ade_class_names(root, "ade847" if full else "ade150", names_file)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -157,6 +222,8 @@ class AdeEval(torch.utils.data.Dataset):
     item -> {"image": uint8 [H, W, 3], "label": int64 [H, W] local ids (-1 ignore), "key": str}.
     """
 
+    wnids: list[str] | None = None
+
     def __init__(
         self,
         root: str | Path,
@@ -165,7 +232,8 @@ class AdeEval(torch.utils.data.Dataset):
         names_file: str | Path | None = None,
     ) -> None:
         self.dataset = dataset
-        self.class_names, self.items, _ = ade_layout(root, dataset, split, names_file)
+        self.root = resolve_ade_root(root, dataset)
+        self.class_names, self.items, _ = ade_layout(self.root, dataset, split, names_file)
 
     def __len__(self) -> int:
         return len(self.items)

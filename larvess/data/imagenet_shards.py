@@ -1,205 +1,77 @@
-"""ImageNet(-21K) folder tree -> WebDataset shards: the resumable writer (reader: imagenet_wds).
+"""ImageNet(-21K) download -> WebDataset shards: the resumable, multi-node writer.
+
+Input: `root` holds per-class tars `nXXXXXXXX.tar` (the fall11 / winter21 release), per-class
+folders `nXXXXXXXX/`, or a mix (imagenet_plan.py: listing and the plan). Tar members are read in
+place with one pread each (offsets from the plan); nothing is extracted.
 
 Shards are `<name>-000000.tar, ...`; a sample has `__key__` (no dots), `jpg` (the original bytes
-when the file is a valid RGB JPEG, else the image converted to RGB and saved as JPEG quality 95),
-`cls` (ascii int: index into the synset list) and `json` ({"wnid", "path", "reencoded"}).
-`info.json` follows timm's wds reader format (`splits.train.{filenames, shard_lengths,
-num_samples}`) and adds the synset list and writer statistics.
+when the file is a valid RGB JPEG, else the image converted to RGB and saved as JPEG quality 95;
+jpeg_check.py), `cls` (ascii int: index into the synset list) and `json` ({"wnid", "path",
+"reencoded"}; path = `<wnid>/<file>` or `<wnid>.tar/<member>`). `info.json` follows timm's wds
+reader format (`splits.train.{filenames, shard_lengths, num_samples}`) and adds the synset list,
+per-shard sizes and sha1s, and writer statistics.
 
-Writing is resumable: the plan (sample order, shard assignment) is a deterministic function of the
-arguments and is saved first (plan.json + plan.tsv.gz); each shard goes to a temp name and is
-renamed when complete, with a record in .progress/; a re-run with the same arguments keeps the
-verified shards and writes the missing ones.
+Writing is resumable and can be split over machines:
+- the plan (sample order, shard assignment) is a deterministic function of the arguments and the
+  listed names; it is saved first (plan.json + plan.npz) and reused by every later run;
+- each shard goes to a temp name, is renamed when complete, then its manifest
+  `manifests/<shard>.json` (sample count, size, sha1, skipped files) is written;
+- a re-run keeps every shard whose manifest matches the plan and whose size matches the manifest
+  (and sha1, with check_sha1), checked in parallel, and rewrites the others;
+- `num_nodes=N, node_rank=I` writes the shards i with i % N == I; whichever rank finds every
+  manifest present when it finishes writes `skipped.txt` and `info.json` (or `merge_shards`).
+  Shards and info.json are byte-identical to a single-machine run with the same arguments.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import logging
 import multiprocessing as mp
 import os
-import re
-import tarfile
+import socket
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from larvess.data.imagenet_plan import (
+    WNID,
+    Plan,
+    find_sources,
+    key_for,
+    load_or_make_plan,
+    plan_args,
+    read_synsets,
+)
+from larvess.data.jpeg_check import UnreadableImage, prepare_jpeg
+
 log = logging.getLogger(__name__)
-PLAN_VERSION = 1
-REENCODE_QUALITY = 95
-_WNID = re.compile(r"^n\d{8}$")
-
-
-class UnreadableImage(ValueError):
-    pass
-
-
-def prepare_jpeg(data: bytes, reencode: bool = False, verify: str = "decode") -> tuple[bytes, bool]:
-    """Return (JPEG bytes, re-encoded?) for an image file's bytes; UnreadableImage if undecodable.
-
-    A valid RGB JPEG keeps its bytes. verify="decode" checks it with a 1/8-scale draft decode:
-    libjpeg still reads every entropy-coded segment (so truncation raises) at a fraction of the
-    cost of a full decode. verify="header" trusts a JPEG whose header parses and whose bytes end
-    with the EOI marker (no truncation) and decodes only the others; damage inside the
-    entropy-coded data then reaches the reader, which skips and counts such samples.
-    """
-    if verify not in ("decode", "header"):
-        raise ValueError(f"verify must be 'decode' or 'header', got {verify!r}")
-    try:
-        im = Image.open(io.BytesIO(data))
-        if im.format == "JPEG" and im.mode == "RGB" and not reencode:
-            if verify == "header" and data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
-                return data, False
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-            return data, False
-        im.load()
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-            rgb.paste(rgba, mask=rgba.getchannel("A"))  # composite on white, not on black
-        else:
-            rgb = im.convert("RGB")
-        buf = io.BytesIO()
-        rgb.save(buf, format="JPEG", quality=REENCODE_QUALITY)
-        return buf.getvalue(), True
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
-
-
-def read_synsets(path: str | Path) -> list[str]:
-    """One wnid per line (blank lines ignored); errors name the file and line."""
-    wnids: list[str] = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        w = line.strip().split("\t")[0].strip()
-        if not w:
-            continue
-        if not _WNID.match(w):
-            raise ValueError(f"{path}:{i}: not a WordNet id (nXXXXXXXX): {line!r}")
-        if w in wnids:
-            raise ValueError(f"{path}:{i}: duplicate synset {w}")
-        wnids.append(w)
-    if not wnids:
-        raise ValueError(f"{path}: no synsets")
-    return wnids
-
-
-def _key(wnid: str, stem: str) -> str:
-    k = stem if stem.startswith(wnid + "_") else f"{wnid}_{stem}"
-    k = re.sub(r"[^A-Za-z0-9_-]", "_", k)  # webdataset splits the key at the first dot
-    if len(k) > 90:  # ustar names have 100 bytes: key + ".json"
-        k = f"{k[:70]}_{hashlib.sha1(k.encode()).hexdigest()[:12]}"
-    return k
-
-
-def plan_args(
-    root: str | Path,
-    synsets: list[str],
-    shard_size: int,
-    seed: int,
-    max_per_class: int | None,
-    name: str,
-    reencode: bool,
-    verify: str = "decode",
-) -> dict:
-    """The arguments that determine the shards' contents (the worker count does not)."""
-    if verify not in ("decode", "header"):
-        raise ValueError(f"verify must be 'decode' or 'header', got {verify!r}")
-    if shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    if max_per_class is not None and max_per_class < 1:
-        raise ValueError(f"max images per class must be >= 1, got {max_per_class}")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise ValueError(f"shard name must be letters, digits, '_' or '-', got {name!r}")
-    return {
-        "root": str(Path(root).resolve()),
-        "synsets_sha256": hashlib.sha256("\n".join(synsets).encode()).hexdigest(),
-        "num_synsets": len(synsets),
-        "shard_size": shard_size,
-        "seed": seed,
-        "max_per_class": max_per_class,
-        "name": name,
-        "reencode": reencode,
-        "verify": verify,
-        "version": PLAN_VERSION,
-    }
-
-
-def make_plan(
-    root: Path, synsets: list[str], args: dict, progress: bool = True
-) -> tuple[list[tuple[int, str, str]], dict]:
-    """List the tree and fix the sample order: [(cls, key, path relative to root)], meta."""
-    items: list[tuple[int, str, str]] = []
-    missing, keys = [], set()
-    for c, wnid in enumerate(
-        tqdm(synsets, "listing", unit="synset", leave=False, disable=not progress)
-    ):
-        d = root / wnid
-        if not d.is_dir():
-            missing.append(wnid)
-            continue
-        files = sorted(e.name for e in os.scandir(d) if e.is_file() and not e.name.startswith("."))
-        files = [f for f in files if "\t" not in f and "\n" not in f]
-        m = args["max_per_class"]
-        if m is not None and len(files) > m:
-            pick = np.random.default_rng([args["seed"], c]).choice(len(files), m, replace=False)
-            files = [files[i] for i in np.sort(pick)]
-        for f in files:
-            k = base = _key(wnid, f.split(".")[0])
-            n = 1
-            while k in keys:  # e.g. x.JPEG and x.png in one folder
-                k, n = f"{base}-{n}", n + 1
-            keys.add(k)
-            items.append((c, k, f"{wnid}/{f}"))
-    perm = np.random.default_rng(args["seed"]).permutation(len(items))
-    items = [items[i] for i in perm]
-    n_shards = (len(items) + args["shard_size"] - 1) // args["shard_size"]
-    return items, {"num_planned": len(items), "num_shards": n_shards, "missing_synsets": missing}
-
-
-def load_or_make_plan(
-    out: Path, synsets: list[str], args: dict, progress: bool = True
-) -> tuple[list, dict]:
-    """Reuse out/plan.json (+ plan.tsv.gz) when made with the same args; else error or create."""
-    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
-    pj, pt = out / "plan.json", out / "plan.tsv.gz"
-    if pj.exists():
-        old = json.loads(pj.read_text())
-        if old.get("args_hash") != digest:
-            diff = {k: (old["args"].get(k), v) for k, v in args.items() if old["args"].get(k) != v}
-            raise RuntimeError(
-                f"{pj} was written with other arguments (old, new): {diff}; "
-                "use another --out or delete the folder"
-            )
-        with gzip.open(pt, "rt") as f:
-            rows = [ln.rstrip("\n").split("\t") for ln in f]
-        return [(int(c), k, p) for c, k, p in rows], old
-    items, meta = make_plan(Path(args["root"]), synsets, args, progress)
-    if not items:
-        raise RuntimeError(f"no image files under {args['root']} for the {len(synsets)} synsets")
-    out.mkdir(parents=True, exist_ok=True)
-    with gzip.open(out / "plan.tsv.gz.tmp", "wt") as f:
-        f.writelines(f"{c}\t{k}\t{p}\n" for c, k, p in items)
-    os.replace(out / "plan.tsv.gz.tmp", pt)
-    plan = {"args": args, "args_hash": digest, "synsets": synsets, **meta}
-    (out / "plan.json.tmp").write_text(json.dumps(plan))
-    os.replace(out / "plan.json.tmp", pj)  # last: a plan.json implies a complete plan.tsv.gz
-    return items, plan
+__all__ = [
+    "UnreadableImage",
+    "check_shards",
+    "merge_shards",
+    "prepare_jpeg",
+    "read_synsets",
+    "shard_name",
+    "write_shards",
+]
 
 
 def shard_name(name: str, i: int) -> str:
     return f"{name}-{i:06d}.tar"
 
 
-def count_tar_samples(path: Path) -> int:
-    """Number of distinct keys in a shard (reads tar headers only)."""
-    with tarfile.open(path) as tf:
-        return len({m.name.split("/")[-1].split(".")[0] for m in tf.getmembers() if m.isfile()})
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = _tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _tar_member(name: str, data: bytes) -> bytes:
@@ -216,54 +88,157 @@ def _tar_member(name: str, data: bytes) -> bytes:
     return bytes(h) + data + b"\0" * (-len(data) % 512)
 
 
-_counter = None  # images done, shared with the pool's workers for the progress bar
+class _Reader:
+    """Reads plan items: folder files by path, tar members by pread (LRU of open tars)."""
+
+    def __init__(self, root: Path, plan: Plan, max_open: int = 64) -> None:
+        self.root, self.plan, self.max_open = root, plan, max_open
+        self.fds: OrderedDict[int, int] = OrderedDict()
+
+    def _fd(self, c: int) -> int:
+        if c in self.fds:
+            self.fds.move_to_end(c)
+            return self.fds[c]
+        path = self.root / self.plan.meta["sources"][c]
+        want = self.plan.meta["source_sizes"][c]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise RuntimeError(f"{path}: class tar listed in the plan cannot be opened: {e}") from e
+        if (got := os.fstat(fd).st_size) != want:
+            os.close(fd)
+            raise RuntimeError(
+                f"{path}: {got} bytes, but {want} when the plan was made: the data changed; "
+                "use a new --out (or delete plan.json) to list it again"
+            )
+        if len(self.fds) >= self.max_open:
+            os.close(self.fds.popitem(last=False)[1])
+        self.fds[c] = fd
+        return fd
+
+    def read(self, c: int, j: int) -> bytes:
+        p = self.plan
+        off = int(p.data_off[j])
+        if off < 0:
+            return (self.root / p.meta["sources"][c] / p.name(j)).read_bytes()
+        size = int(p.size[j])
+        data = os.pread(self._fd(c), size, off)
+        if len(data) != size:
+            raise UnreadableImage(f"tar member cut short: {len(data)} of {size} bytes")
+        return data
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+_ctx: dict = {}  # the writer's state, set before the pool forks (workers share the plan)
 
 
 def _init_worker(counter) -> None:
-    global _counter
-    _counter = counter
+    _ctx["counter"] = counter
 
 
-def write_shard(job: tuple) -> dict:
-    """Write one shard to a temp name, rename it when complete, then write its record."""
-    out, root, name, index, items, synsets, reencode, verify = job
-    out, root = Path(out), Path(root)
-    final = out / shard_name(name, index)
-    tmp = out / f".{final.name}.tmp-{os.getpid()}"
-    skipped, n, n_re = [], 0, 0
-    with open(tmp, "wb") as f:
-        for i, (c, key, rel) in enumerate(items):
-            try:
-                data, re_ = prepare_jpeg((root / rel).read_bytes(), reencode, verify)
-            except (OSError, UnreadableImage) as e:
-                skipped.append((rel, str(e).replace("\t", " ").replace("\n", " ")))
-            else:
-                meta = json.dumps({"wnid": synsets[c], "path": rel, "reencoded": re_})
-                for ext, b in (("cls", str(c).encode()), ("jpg", data), ("json", meta.encode())):
-                    f.write(_tar_member(f"{key}.{ext}", b))
-                n, n_re = n + 1, n_re + re_
-            if _counter is not None and (i % 32 == 31 or i == len(items) - 1):
-                with _counter.get_lock():
-                    _counter.value += i % 32 + 1
-        f.write(b"\0" * 1024)  # end-of-archive marker
+def _clean(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def write_shard(i: int) -> dict:
+    """Write shard i to a temp name, rename it when complete, then write its manifest."""
+    plan, out, root = _ctx["plan"], _ctx["out"], _ctx["root"]
+    args, counter = plan.meta["args"], _ctx.get("counter")
+    synsets, sources = plan.meta["synsets"], plan.meta["sources"]
+    final = out / shard_name(args["name"], i)
+    tmp = _tmp(final)
+    skipped, n, n_re, size = [], 0, 0, 0
+    sha = hashlib.sha1()
+    reader = _Reader(root, plan)
+    idx, cls = plan.shard(i)
+    try:
+        with open(tmp, "wb") as f:
+            for k, (j, c) in enumerate(zip(idx.tolist(), cls.tolist())):
+                name = plan.name(j)
+                rel = f"{sources[c]}/{name}"
+                try:
+                    data, re_ = prepare_jpeg(reader.read(c, j), args["reencode"], args["verify"])
+                except (OSError, UnreadableImage) as e:
+                    skipped.append((rel, str(e)))
+                else:
+                    key = _key(synsets[c], name, int(plan.dup[j]))
+                    meta = json.dumps({"wnid": synsets[c], "path": rel, "reencoded": re_})
+                    for ext, b in (("cls", b"%d" % c), ("jpg", data), ("json", meta.encode())):
+                        m = _tar_member(f"{key}.{ext}", b)
+                        f.write(m)
+                        sha.update(m)
+                        size += len(m)
+                    n, n_re = n + 1, n_re + re_
+                if counter is not None and (k % 32 == 31 or k == len(idx) - 1):
+                    with counter.get_lock():
+                        counter.value += k % 32 + 1
+            f.write(b"\0" * 1024)  # end-of-archive marker
+            sha.update(b"\0" * 1024)
+            size += 1024
+    finally:
+        reader.close()
     os.replace(tmp, final)
-    rec = {"filename": final.name, "num_samples": n, "num_reencoded": n_re, "skipped": skipped}
-    prog = out / ".progress"
-    (prog / f"{final.name}.json.tmp").write_text(json.dumps(rec))
-    os.replace(prog / f"{final.name}.json.tmp", prog / f"{final.name}.json")
+    rec = {
+        "filename": final.name,
+        "num_samples": n,
+        "num_reencoded": n_re,
+        "size": size,
+        "sha1": sha.hexdigest(),
+        "plan": plan.meta["args_hash"],
+        "skipped": skipped,
+    }
+    _atomic_write(out / "manifests" / f"{final.stem}.json", json.dumps(rec))
     return rec
 
 
-def _done_record(out: Path, name: str, i: int) -> dict | None:
-    """The record of a completed shard whose tar still holds the recorded sample count."""
-    rp, tp = out / ".progress" / f"{shard_name(name, i)}.json", out / shard_name(name, i)
-    if not (rp.exists() and tp.exists()):
-        return None
+def _key(wnid: str, name: str, dup: int) -> str:
+    k = key_for(wnid, name)
+    return f"{k}-{dup}" if dup else k
+
+
+def _sha1_file(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    return h.hexdigest()
+
+
+def check_shard(out: Path, meta: dict, i: int, check_sha1: bool = False) -> dict | None:
+    """The manifest of shard i if the shard is complete (plan, size, optionally sha1), else None."""
+    fn = shard_name(meta["args"]["name"], i)
+    mp_, tp = out / "manifests" / f"{fn[:-4]}.json", out / fn
     try:
-        rec = json.loads(rp.read_text())
-        return rec if count_tar_samples(tp) == rec["num_samples"] else None
-    except (OSError, ValueError, tarfile.TarError):
+        rec = json.loads(mp_.read_text())
+        if rec.get("plan") != meta["args_hash"] or tp.stat().st_size != rec["size"]:
+            return None
+        if check_sha1 and _sha1_file(tp) != rec["sha1"]:
+            return None
+        return rec
+    except (OSError, ValueError, KeyError):
         return None
+
+
+def check_shards(
+    out: Path, meta: dict, shards: list[int], check_sha1: bool, workers: int, progress: bool
+) -> dict[int, dict]:
+    """{i: manifest} of the complete shards among `shards`, checked by a thread pool."""
+    what = "sha1" if check_sha1 else "size"
+    with ThreadPoolExecutor(max(1, min(32, workers * 4))) as ex:
+        recs = list(
+            tqdm(
+                ex.map(lambda i: check_shard(out, meta, i, check_sha1), shards),
+                total=len(shards),
+                desc=f"checking shards ({what})",
+                unit="shard",
+                disable=not progress or not shards,
+            )
+        )
+    return {i: r for i, r in zip(shards, recs) if r is not None}
 
 
 def write_shards(
@@ -278,68 +253,119 @@ def write_shards(
     reencode: bool = False,
     verify: str = "decode",
     progress: bool = True,
-) -> dict:
-    """Folder tree root/<wnid>/* -> out/<name>-NNNNNN.tar + info.json; returns the info dict.
+    prefer: str | None = None,
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    check_sha1: bool = False,
+) -> dict | None:
+    """root (class tars and/or folders) -> out/<name>-NNNNNN.tar + info.json; returns info.
 
-    synsets: class list (cls = index); None = every wnid folder of root, sorted. Listed synsets
-    without a folder are allowed (recorded in info.json as missing_synsets).
+    synsets: class list (cls = index); None = every wnid found under root, sorted. Listed
+    synsets without a folder or tar are allowed (recorded in info.json as missing_synsets).
+    With num_nodes > 1 this writes rank node_rank's shards; returns None while other ranks'
+    shards are still missing (the last rank to finish writes info.json).
     """
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise FileNotFoundError(f"ImageNet root {root} is not a folder")
-    if synsets is None:
-        synsets = sorted(d.name for d in root.iterdir() if d.is_dir() and _WNID.match(d.name))
-        if not synsets:
-            raise ValueError(f"no wnid folders (nXXXXXXXX) under {root}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    args = plan_args(root, synsets, shard_size, seed, max_per_class, name, reencode, verify)
-    items, plan = load_or_make_plan(out, synsets, args, progress)
-    (out / ".progress").mkdir(exist_ok=True)
-    for p in out.glob(".*.tar.tmp-*"):  # left by a killed run (one writer per folder)
-        p.unlink()
-    n_shards = plan["num_shards"]
-    records: dict[int, dict] = {}
-    for i in range(n_shards):
-        if (rec := _done_record(out, name, i)) is not None:
-            records[i] = rec
-    todo = [i for i in range(n_shards) if i not in records]
-    shard = [items[i * shard_size : (i + 1) * shard_size] for i in range(n_shards)]
-    jobs = [(str(out), str(root), name, i, shard[i], synsets, reencode, verify) for i in todo]
-    done = sum(len(shard[i]) for i in records)
-    bar = tqdm(total=len(items), initial=done, desc="sharding", unit="img", disable=not progress)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            records[job[3]] = write_shard(job)
-            bar.update(len(job[4]))
+    if num_nodes < 1 or not 0 <= node_rank < num_nodes:
+        raise ValueError(f"node rank {node_rank} not in [0, num_nodes={num_nodes})")
+    if synsets is None:
+        synsets = sorted(find_sources(root, prefer))
+        if not synsets:
+            raise ValueError(f"no class folders or tars (nXXXXXXXX, nXXXXXXXX.tar) under {root}")
+    bad = [w for w in synsets if not WNID.match(w)]
+    if bad:
+        raise ValueError(f"not WordNet ids (nXXXXXXXX): {bad[:5]}")
+    args = plan_args(synsets, shard_size, seed, max_per_class, name, reencode, verify, prefer)
+    plan = load_or_make_plan(out, root, synsets, args, workers, progress)
+    meta = plan.meta
+    if meta["root"] != str(root.resolve()):
+        log.warning("the plan was listed from %s; reading %s", meta["root"], root)
+    (out / "manifests").mkdir(exist_ok=True)
+    mine = list(range(node_rank, meta["num_shards"], num_nodes))
+    for p in out.glob(f".{name}-*.tar.tmp-*"):  # left by a killed run of this rank
+        i = int(p.name[len(name) + 2 :].split(".")[0])
+        if i % num_nodes == node_rank:
+            p.unlink(missing_ok=True)
+    done = check_shards(out, meta, mine, check_sha1, workers, progress)
+    todo = [i for i in mine if i not in done]
+    for i in todo:  # a stale manifest must not let another rank merge a damaged shard
+        (out / "manifests" / f"{shard_name(name, i)[:-4]}.json").unlink(missing_ok=True)
+    _ctx.update(plan=plan, out=out, root=root, counter=None)
+    n_todo = sum(len(plan.shard(i)[0]) for i in todo)
+    bar = tqdm(total=n_todo, desc="sharding", unit="img", disable=not progress)
+    if workers == 1 or len(todo) <= 1:
+        for i in todo:
+            write_shard(i)
+            bar.update(len(plan.shard(i)[0]))
     else:
         counter = mp.get_context("fork").Value("q", 0)
         with mp.get_context("fork").Pool(workers, _init_worker, (counter,)) as pool:
-            it = pool.imap_unordered(write_shard, jobs)
-            for _ in jobs:
+            it = pool.imap_unordered(write_shard, todo)
+            for _ in todo:
                 while True:
                     try:
-                        rec = it.next(timeout=0.5)
+                        it.next(timeout=0.5)
                         break
                     except mp.TimeoutError:
-                        bar.update(done + counter.value - bar.n)
-                records[int(rec["filename"].rsplit("-", 1)[1].split(".")[0])] = rec
-            bar.update(done + counter.value - bar.n)
+                        bar.update(counter.value - bar.n)
+            bar.update(counter.value - bar.n)
     bar.close()
-    return _write_info(out, synsets, [records[i] for i in range(n_shards)], plan)
+    _ctx.clear()
+    return merge_shards(out, check_sha1=False, require_all=False, meta=meta, workers=workers)
 
 
-def _write_info(out: Path, synsets: list[str], recs: list[dict], plan: dict) -> dict:
-    skipped = [s for r in recs for s in r["skipped"]]
-    (out / "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
-    files, counts = [r["filename"] for r in recs], [r["num_samples"] for r in recs]
+def merge_shards(
+    out: str | Path,
+    check_sha1: bool = False,
+    require_all: bool = True,
+    meta: dict | None = None,
+    workers: int = 4,
+    progress: bool = False,
+) -> dict | None:
+    """Write out/skipped.txt and out/info.json from the plan and every shard's manifest.
+
+    A shard without a valid manifest (or whose size, or sha1 with check_sha1, does not match
+    it) is an error naming the missing shards when require_all, else returns None.
+    """
+    out = Path(out)
+    if meta is None:
+        pj = out / "plan.json"
+        if not pj.exists():
+            raise FileNotFoundError(f"{pj} missing: no sharding run has started in {out}")
+        meta = json.loads(pj.read_text())
+    n = meta["num_shards"]
+    recs = check_shards(out, meta, list(range(n)), check_sha1, workers, progress)
+    if len(recs) < n:
+        if not require_all:
+            return None
+        miss = [shard_name(meta["args"]["name"], i) for i in range(n) if i not in recs]
+        raise RuntimeError(
+            f"{out}: {len(miss)} of {n} shards missing or incomplete (e.g. {miss[:5]}); "
+            "run the remaining ranks (or re-run) before merging"
+        )
+    recs_l = [recs[i] for i in range(n)]
+    skipped = [*meta["listing_skipped"], *(s for r in recs_l for s in r["skipped"])]
+    _atomic_write(out / "skipped.txt", "".join(f"{_clean(p)}\t{_clean(w)}\n" for p, w in skipped))
+    files, counts = [r["filename"] for r in recs_l], [r["num_samples"] for r in recs_l]
     total = sum(counts)
     info = {
-        "name": plan["args"]["name"],
+        "name": meta["args"]["name"],
         "num_samples": total,
         "filenames": files,
         "shard_lengths": counts,
-        "shards": [{"filename": f, "num_samples": n} for f, n in zip(files, counts)],
+        "shards": [
+            {
+                "filename": r["filename"],
+                "num_samples": r["num_samples"],
+                "size": r["size"],
+                "sha1": r["sha1"],
+            }
+            for r in recs_l
+        ],  # fmt: skip
         "splits": {
             "train": {
                 "name": "train",
@@ -348,13 +374,13 @@ def _write_info(out: Path, synsets: list[str], recs: list[dict], plan: dict) -> 
                 "shard_lengths": counts,
             }
         },  # timm's ReaderWds reads this
-        "num_classes": len(synsets),
-        "synsets": synsets,
+        "num_classes": len(meta["synsets"]),
+        "synsets": meta["synsets"],
+        "planned_class_counts": meta["class_counts"],
         "num_skipped": len(skipped),
-        "num_reencoded": sum(r["num_reencoded"] for r in recs),
-        "missing_synsets": plan["missing_synsets"],
-        "args": plan["args"],
+        "num_reencoded": sum(r["num_reencoded"] for r in recs_l),
+        "missing_synsets": meta["missing_synsets"],
+        "args": meta["args"],
     }
-    (out / "info.json.tmp").write_text(json.dumps(info, indent=1))
-    os.replace(out / "info.json.tmp", out / "info.json")
+    _atomic_write(out / "info.json", json.dumps(info, indent=1))
     return info

@@ -2,15 +2,38 @@
 
 A sample has `__key__`, `jpg`, `cls` (index into info.json's synset list) and `json`; the reader
 yields {"image", "labels": LongTensor([vocabulary row]), "key"} from an infinite resampled stream.
+
+Where the shards are (`root`), and where their info.json is read from (`info`, default derived):
+
+- a local folder: `shards/in21k` -> shards/in21k/<filename> for each shard of
+  shards/in21k/info.json;
+- a URL prefix without braces: `file:///data/in21k`, `https://host/in21k/` ->
+  <prefix>/<filename>, info at <prefix>/info.json;
+- a shard pattern with webdataset's brace expansion, a path, URL or `pipe:` command:
+  `pipe:aws s3 cp s3://bucket/in21k/imagenet-{000000..014000}.tar -`,
+  `https://host/in21k/imagenet-{000000..000099}.tar`. The expanded list may be all of the
+  shards or a subset: each expanded URL must contain the file name of one shard listed in
+  info.json (that gives its sample count). info.json is read from the same pattern with the
+  braced file name replaced by `info.json` (`pipe:aws s3 cp s3://bucket/in21k/info.json -`),
+  unless `info=` names it (a path, URL or pipe: command).
+
+URLs and pipe: commands are opened with webdataset's gopen (curl for http(s), the shell for
+pipe:), for info.json as for the shards.
+
+Reader protocol (shared by every dataset reader): `class_names` (display name + synonyms per
+local class, from the lemma file `names_file`; default timm's imagenet_synset_to_lemma.txt),
+`wnids` (the shards' synset list) and `set_rows(rows)` (local class -> vocabulary row).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
 import multiprocessing as mp
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,8 +44,87 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from larvess.data.transforms import normalize
+from larvess.names import read_synset_lemmas
 
 log = logging.getLogger(__name__)
+_BRACED = re.compile(r"[^/\s'\"]*\{[^}]*\}[^/\s'\"]*")  # the braced file name of a pattern
+
+
+def timm_lemma_file() -> Path:
+    """timm's WordNet lemma table of the ImageNet-21K synsets (found without importing timm)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("timm is not installed: pass names_file (wnid<TAB>lemma lines)")
+    return (
+        Path(spec.submodule_search_locations[0]) / "data" / "_info" / "imagenet_synset_to_lemma.txt"
+    )
+
+
+def _is_url(root: str) -> bool:
+    return root.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", root) is not None
+
+
+def read_text(url: str) -> str:
+    """A local path, URL or pipe: command's bytes as text (errors name the URL)."""
+    if not _is_url(url):
+        path = Path(url)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} missing: write shards with scripts/shard_imagenet21k.py"
+            )
+        return path.read_text()
+    try:
+        with wds.gopen(url) as f:
+            data = f.read()
+    except Exception as e:  # gopen raises what curl, the shell or open raise
+        raise FileNotFoundError(f"cannot read {url}: {e}") from e
+    if not data:
+        raise FileNotFoundError(f"cannot read {url}: no data (does it exist?)")
+    return data.decode()
+
+
+def resolve_shards(root: str | Path, info: str | Path | None = None) -> tuple[dict, str, list]:
+    """(info dict, where it was read, [(shard url, num_samples)]) for a root (module docstring)."""
+    root_s = str(root)
+    braced = _BRACED.search(root_s)
+    if braced:
+        info_url = str(info) if info is not None else (
+            root_s[: braced.start()] + "info.json" + root_s[braced.end() :]
+        )  # fmt: skip
+    elif root_s.startswith("pipe:"):
+        raise ValueError(
+            f"pipe: root {root_s!r} has no shard pattern: write the shard file name with braces, "
+            "e.g. 'pipe:aws s3 cp s3://bucket/in21k/imagenet-{000000..014000}.tar -'"
+        )
+    elif _is_url(root_s):
+        info_url = str(info) if info is not None else root_s.rstrip("/") + "/info.json"
+    else:
+        if not Path(root_s).is_dir() and info is None:
+            raise FileNotFoundError(f"shard folder {root_s} not found")
+        info_url = str(info) if info is not None else str(Path(root_s) / "info.json")
+    try:
+        meta = json.loads(read_text(info_url))
+        shards = meta["shards"]
+        lengths = {s["filename"]: int(s["num_samples"]) for s in shards}
+        synsets = meta["synsets"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{info_url}: not a shard info.json ({type(e).__name__}: {e})") from e
+    if not isinstance(synsets, list) or not all(isinstance(w, str) for w in synsets):
+        raise ValueError(f"{info_url}: 'synsets' must be a list of wnids")
+    if braced:
+        urls = []
+        for u in wds.shardlists.expand_urls(root_s):
+            hits = [f for f in re.findall(r"[^/\s'\"]+\.tar", u) if f in lengths]
+            if not hits:
+                raise ValueError(
+                    f"{u}: names none of the {len(lengths)} shards of {info_url} "
+                    f"(e.g. {shards[0]['filename'] if shards else '-'})"
+                )
+            urls.append((u, lengths[hits[-1]]))
+    else:
+        base = root_s.rstrip("/") if _is_url(root_s) else None
+        urls = [(f"{base}/{f}" if base else str(Path(root_s) / f), n) for f, n in lengths.items()]
+    return meta, info_url, urls
 
 
 def _slot(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -41,14 +143,18 @@ def _slot(rank: int | None, world_size: int | None) -> tuple[int, int]:
 class ImageNetShards(IterableDataset):
     """Infinite resampled stream of {"image": float32 [3,H,W], "labels": LongTensor([row]), "key"}.
 
-    Shards are split across the (rank, worker) slots first, then resampled within each slot's
-    subset, so different processes and workers see disjoint samples. With fewer shards than slots
-    every slot reads all shards and keeps sample i of a shard where i % n_slots == slot.
-    rows: LongTensor [num_classes] cls -> vocabulary row (None = identity); samples whose row is
-    negative (class not in the vocabulary) are dropped. transform(image PIL RGB, None, rng) ->
-    (tensor [3,H,W], None); None = normalise at full size. Set `.seed` before iterating to
-    reseed (mixing does this for resumption). Undecodable samples are skipped and counted in
-    `.num_corrupt` (shared with the loader's workers).
+    root: shard folder, URL prefix or brace pattern (module docstring); info: where info.json is
+    (default: derived from root). Shards are split across the (rank, worker) slots first, then
+    resampled within each slot's subset, so different processes and workers see disjoint
+    samples. With fewer shards than slots every slot reads all shards and keeps sample i of a
+    shard where i % n_slots == slot.
+    rows / set_rows: LongTensor [num_classes] cls -> vocabulary row (None = identity); samples
+    whose row is negative (class not in the vocabulary) are dropped. transform(image PIL RGB,
+    None, rng) -> (tensor [3,H,W], None); None = normalise at full size. Set `.seed` before
+    iterating to reseed (mixing does this for resumption). Undecodable samples are skipped and
+    counted in `.num_corrupt` (shared with the loader's workers).
+    names_file: "wnid<TAB>lemma, ..." lines giving `class_names`; read now when given (a synset
+    without a line is a ValueError), else timm's file is read at the first use of class_names.
     """
 
     def __init__(
@@ -60,32 +166,72 @@ class ImageNetShards(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         shuffle_buffer: int = 1000,
+        info: str | Path | None = None,
+        names_file: str | Path | None = None,
     ) -> None:
         super().__init__()
-        self.root = Path(root)
-        path = self.root / "info.json"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} missing: write shards with scripts/shard_imagenet21k.py"
-            )
-        info = json.loads(path.read_text())
-        self.synsets: list[str] = info["synsets"]
-        self.names = self.synsets  # local class names in local order (wnids)
-        self.num_samples: int = info["num_samples"]
-        self.urls = [str(self.root / s["filename"]) for s in info["shards"] if s["num_samples"]]
+        self.root = root if isinstance(root, str) and _is_url(root) else Path(root)
+        meta, self.info_url, urls = resolve_shards(root, info)
+        self.synsets: list[str] = meta["synsets"]
+        self.num_samples: int = sum(n for _, n in urls)
+        self.urls = [u for u, n in urls if n]
         if not self.urls:
-            raise ValueError(f"{path}: no non-empty shards")
-        if rows is not None and (rows.dim() != 1 or len(rows) != len(self.synsets)):
-            raise ValueError(
-                f"rows must be a LongTensor [{len(self.synsets)}] (one per synset of "
-                f"{path}), got shape {tuple(rows.shape)}"
-            )
+            raise ValueError(f"{root}: no non-empty shards (info: {self.info_url})")
+        self.names_file = names_file
+        self._class_names = None if names_file is None else self._read_class_names()
+        self._rows: torch.Tensor | None = None
         self.rows = rows
         self.transform = transform
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self._corrupt = mp.get_context("fork").Value("q", 0)
+
+    @property
+    def wnids(self) -> list[str]:
+        """WordNet ids of the local classes (the shards' synset list)."""
+        return self.synsets
+
+    @property
+    def class_names(self) -> list[list[str]]:
+        """[display name, synonym, ...] per local class, from the lemma file."""
+        if self._class_names is None:
+            self._class_names = self._read_class_names()
+        return self._class_names
+
+    def _read_class_names(self) -> list[list[str]]:
+        path = Path(self.names_file) if self.names_file is not None else timm_lemma_file()
+        if not path.is_file():
+            raise FileNotFoundError(f"lemma file not found: {path}")
+        lemmas = read_synset_lemmas(path)
+        missing = [w for w in self.synsets if w not in lemmas]
+        if missing:
+            raise ValueError(
+                f"{path}: no lemma for {len(missing)} of the {len(self.synsets)} synsets of "
+                f"{self.info_url}, e.g. {missing[:5]}; pass names_file with wnid<TAB>lemma lines"
+            )
+        return [lemmas[w] for w in self.synsets]
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: torch.Tensor | None) -> None:
+        if rows is not None:
+            self.set_rows(rows)
+        else:
+            self._rows = None
+
+    def set_rows(self, rows: torch.Tensor) -> None:
+        """Local class -> vocabulary row mapping used for the labels (negative = drop)."""
+        rows = torch.as_tensor(rows)
+        if rows.dim() != 1 or len(rows) != len(self.synsets) or rows.is_floating_point():
+            raise ValueError(
+                f"rows must be a LongTensor [{len(self.synsets)}] (one per synset of "
+                f"{self.info_url}), got {rows.dtype} of shape {tuple(rows.shape)}"
+            )
+        self._rows = rows.long()
 
     def set_seed(self, seed: int) -> None:
         """Reseed the stream (takes effect at the next iter())."""

@@ -132,6 +132,7 @@ def source_loader(
     world_size: int = 1,
     start_batch: int = 0,
     drop_last: bool = True,
+    pin_memory: bool = False,
 ) -> Iterator[dict]:
     """Infinite iterator of collated batches of one source for process ``rank``."""
     if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size or start_batch < 0:
@@ -139,7 +140,7 @@ def source_loader(
             f"bad loader arguments: batch_size={batch_size} num_workers={num_workers} "
             f"rank={rank} world_size={world_size} start_batch={start_batch}"
         )
-    kw = dict(num_workers=num_workers, persistent_workers=num_workers > 0)
+    kw = dict(num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)
     if isinstance(dataset, IterableDataset):
         s = int(np.random.default_rng([seed, _ITER, rank, start_batch]).integers(2**31))
         if hasattr(dataset, "set_seed"):

@@ -222,3 +222,36 @@ class TrainAugment:
             photometric=self.photometric,
             pad=self.pad,
         )
+
+
+def photometric_view(
+    images: torch.Tensor,
+    brightness: float = 32 / 255,
+    contrast: tuple[float, float] = (0.5, 1.5),
+    saturation: tuple[float, float] = (0.5, 1.5),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A second view of normalised images [B,3,H,W] with the same geometry (PC2Seg): per image
+    a random brightness shift, contrast and saturation factor, on the device, no gradient.
+
+    The pixels of both views correspond one to one, so the pixel-contrastive term needs no
+    warping; only the appearance differs.
+    """
+    b, dev = images.shape[0], images.device
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        r = torch.rand(b, 1, 1, 1, generator=generator, device=generator.device if generator
+                       else None)  # fmt: skip
+        return (lo + (hi - lo) * r).to(dev)
+
+    with torch.no_grad():
+        x = denormalize(images.float())
+        x = x + u(-brightness, brightness)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * u(*contrast) + mean
+        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+        x = (x - gray) * u(*saturation) + gray
+        x = x.clamp(0.0, 1.0)
+        mean_t = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
+        std_t = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+        return ((x - mean_t) / std_t).to(images.dtype)

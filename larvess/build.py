@@ -1,0 +1,258 @@
+"""Recipe -> objects: the one place (with config.py) that reads a Recipe.
+
+Scripts call these functions; every library module below receives built objects and plain
+arguments (or one config section). Floors, top to bottom: ``build_data`` (readers + the unified
+vocabulary), ``build_model`` / ``build_optimizer`` / ``build_ca``, ``build_batches``,
+``resolve_resume``; ``load_predictor`` does the same for a trained run (eval and predict).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from larvess.ca_classifier import CAClassifier
+from larvess.checkpoint import find_resume, load_model, read_state, run_dir_of
+from larvess.config import EvalConfig, OptimConfig, Recipe, SourceConfig, load_recipe
+from larvess.data.ade import AdeTrain
+from larvess.data.coco_stuff import CocoStuff
+from larvess.data.imagenet_wds import ImageNetShards
+from larvess.data.mixing import MixedBatches, source_loader
+from larvess.data.transforms import TrainAugment
+from larvess.model import ClassTable, Segmenter
+from larvess.names import read_names_file
+from larvess.synsets import DATASETS, load_class_synsets, names_file
+from larvess.vocab import Vocabulary, normalize_name
+
+
+def synsets_for_class_list(class_names: list[list[str]]) -> list[list[str]] | None:
+    """The curated synsets of a class list that is one of the shipped datasets (COCO-Stuff-171,
+    ADE-150, ADE-847; compared by normalised display names), else None (no synsets: names only)."""
+    key = [normalize_name(c[0]) for c in class_names]
+    for dataset in DATASETS:
+        if key == _dataset_keys(dataset):
+            return load_class_synsets(dataset)
+    return None
+
+
+@functools.cache
+def _dataset_keys(dataset: str) -> list[str]:
+    return [normalize_name(c[0]) for c in read_names_file(names_file(dataset))]
+
+
+def build_reader(s: SourceConfig, batch_size: int | None = None):
+    """One training reader for a source; it exposes class_names, wnids and set_rows()."""
+    files = {"skip_missing": s.skip_missing} | ({"split": s.split} if s.split else {})
+    jitter = dict(ratio_range=tuple(s.scale_range), photometric=s.photometric)
+    if s.base_scale:
+        jitter["base_scale"] = tuple(s.base_scale)
+    if s.kind == "coco_stuff":
+        aug = TrainAugment(crop_size=s.crop_size, **jitter)
+        return CocoStuff(
+            s.root, transform=aug, from_json=s.from_json, label_format=s.label_format, **files
+        )
+    if s.kind in ("ade150", "ade847", "wa150", "wa847"):
+        weak = s.supervision == "image"
+        return AdeTrain(
+            s.root,
+            full=s.kind.endswith("847"),
+            weak=weak,
+            names_file=s.names,
+            transform=TrainAugment(crop_size=s.crop_size, pad=not weak, **jitter),
+            **files,
+        )
+    if s.kind == "imagenet_wds":
+        # unreadable images were counted in skipped.txt when sharding; the stream never sees them
+        aug = TrainAugment(crop_size=s.crop_size, pad=False, **jitter)
+        return ImageNetShards(s.root, transform=aug, names_file=s.names)
+    raise ValueError(f"source '{s.name}': unknown kind {s.kind!r}")
+
+
+def build_data(recipe: Recipe) -> tuple[Vocabulary, dict[str, object]]:
+    """Unified vocabulary and one reader per source (emitting vocabulary rows).
+
+    Mask sources join the vocabulary first, so their classes get the low rows and
+    ``has_masks``. Dataset classes carry the WordNet synsets of the shipped curated mapping
+    (larvess/meta/wordnet_*.tsv) when their class list is one of the shipped datasets; an
+    ImageNet synset joins a dataset class only through those synsets or the alias file.
+    """
+    readers = {s.name: build_reader(s) for s in recipe.data}
+    vocab = Vocabulary(alias_file=recipe.vocab.alias_file)
+    for s in sorted(recipe.data, key=lambda s: s.supervision != "mask"):
+        ds = readers[s.name]
+        if ds.wnids is not None:  # one synset per class: merges by WordNet id only
+            rows = vocab.add_source(s.name, ds.class_names, ds.wnids, by_synset=True)
+        else:
+            synsets = synsets_for_class_list(ds.class_names)
+            rows = vocab.add_source(
+                s.name, ds.class_names, synsets, has_masks=s.supervision == "mask"
+            )
+        ds.set_rows(rows)
+    for path in recipe.vocab.extra_names:
+        names = read_names_file(path)
+        vocab.add_source(f"extra:{Path(path).name}", names, synsets_for_class_list(names))
+    return vocab, readers
+
+
+def per_process_batch(s: SourceConfig, world_size: int) -> int:
+    """Recipes give global batch sizes (as the papers state them); each process takes its part."""
+    if s.batch_size % world_size:
+        raise ValueError(
+            f"source '{s.name}': global batch_size {s.batch_size} does not divide over "
+            f"{world_size} processes; set data.{s.name}.batch_size to a multiple of {world_size}"
+        )
+    return s.batch_size // world_size
+
+
+def build_batches(
+    recipe: Recipe, readers: dict, rank: int, world_size: int, start_batch: int = 0
+) -> MixedBatches:
+    """One infinite loader per source, continuing after `start_batch` batches (resume)."""
+    loaders = {}
+    for i, s in enumerate(recipe.data):
+        loaders[s.name] = source_loader(
+            readers[s.name],
+            per_process_batch(s, world_size),
+            s.num_workers,
+            seed=recipe.train.seed * 1000 + i,
+            rank=rank,
+            world_size=world_size,
+            start_batch=start_batch,
+            pin_memory=torch.cuda.is_available(),
+        )
+    return MixedBatches(loaders)
+
+
+def model_args(recipe: Recipe) -> dict:
+    """The Segmenter's constructor arguments (saved into model.pt, so eval needs no recipe)."""
+    m = recipe.model
+    kwargs = dict(m.backbone_kwargs)
+    kwargs.setdefault("drop_path_rate", m.drop_path)
+    return dict(backbone=m.backbone, dim=m.dim, img_size=m.img_size, backbone_kwargs=kwargs)
+
+
+def build_model(recipe: Recipe, num_classes: int) -> tuple[Segmenter, ClassTable, dict]:
+    """Segmenter (with local pretrained weights if named) and the class table."""
+    args = model_args(recipe)
+    segmenter = Segmenter(pretrained_file=recipe.model.pretrained_file, **args)
+    return segmenter, ClassTable(num_classes, recipe.model.dim), args
+
+
+def build_ca(recipe: Recipe, num_classes: int) -> CAClassifier:
+    lo = recipe.loss
+    return CAClassifier(
+        num_classes, recipe.model.dim, bank_size=lo.ca_bank_size, topk=lo.ca_topk,
+        warm_up=lo.ca_warm_up,
+    )  # fmt: skip
+
+
+def param_groups(segmenter: Segmenter, table: ClassTable, o: OptimConfig) -> list[dict]:
+    """Optimiser groups: backbone (x backbone_lr_mult; LarvSeg 1, ESS 0.1), its 1-D / token
+    parameters without weight decay, the head, and the class table (x table_lr_mult, its own
+    momentum and poly power, never decayed: its rows are normalised anyway)."""
+    decay, no_decay = [], []
+    for name, p in segmenter.backbone.named_parameters():
+        (no_decay if p.ndim <= 1 or "token" in name or "pos_embed" in name else decay).append(p)
+    bb_lr = o.lr * o.backbone_lr_mult
+    groups = [
+        dict(name="backbone", params=decay, lr=bb_lr),
+        dict(name="backbone_no_decay", params=no_decay, lr=bb_lr, weight_decay=0.0),
+        dict(name="head", params=list(segmenter.head.parameters()), lr=o.lr),
+        dict(name="table", params=list(table.parameters()), lr=o.lr * o.table_lr_mult,
+             weight_decay=0.0),
+    ]  # fmt: skip
+    if o.name == "sgd":
+        groups[-1]["momentum"] = o.table_momentum
+    return groups
+
+
+def build_optimizer(
+    recipe: Recipe, segmenter: Segmenter, table: ClassTable
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD (LarvSeg) or AdamW over ``param_groups``; poly decay per group to the same floor
+    schedule.min_lr (LarvSeg: 1e-5 for every group), table with schedule.table_power."""
+    o, sch = recipe.optim, recipe.schedule
+    groups = param_groups(segmenter, table, o)
+    if o.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    lambdas = [
+        poly_lambda(
+            sch.steps, sch.table_power if g["name"] == "table" else sch.power,
+            sch.warmup_steps, g["lr"], sch.min_lr,
+        )
+        for g in groups
+    ]  # fmt: skip
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def poly_lambda(total: int, power: float, warmup: int, group_lr: float, min_lr: float):
+    """Multiplier on a group's lr: linear warm-up, then poly decay from group_lr to min_lr."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if group_lr <= 0:
+            return 0.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return ((group_lr - min_lr) * (1 - frac) ** power + min_lr) / group_lr
+
+    return factor
+
+
+def resolve_resume(recipe: Recipe, require: bool = False) -> tuple[Path | None, dict]:
+    """(checkpoint to resume from or None, its trainer state) from train.resume."""
+    run_dir = Path(recipe.runs_dir) / recipe.name
+    t = recipe.train
+    ckpt = find_resume(run_dir) if t.resume == "auto" else None
+    if t.resume not in ("auto", "never"):
+        ckpt = Path(t.resume)
+    if require and ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: --resume given but no complete checkpoint found")
+    return ckpt, read_state(ckpt) if ckpt else {"step": 0, "bad_steps": 0}
+
+
+@dataclass
+class Predictor:
+    """A trained model ready for inference over a chosen set of classes."""
+
+    segmenter: Segmenter
+    mu: torch.Tensor  # [K,d] unit rows of the chosen classes
+    rows: torch.Tensor  # [K] vocabulary rows
+    names: list[str]  # display name of each chosen class
+    is_base: torch.Tensor  # [K] bool: had pixel masks in training
+    eval: EvalConfig  # window / stride / short side of the run's recipe (defaults without one)
+    step: int
+    path: Path
+
+
+def load_predictor(
+    checkpoint: str | Path, class_names: list[list[str]] | None = None, device: str = "cpu"
+) -> Predictor:
+    """Eval and predict front end: load the export, match the wanted classes (None = the whole
+    vocabulary), fail naming the classes the model has no row for, take their rows."""
+    loaded = load_model(checkpoint)
+    vocab = loaded.vocab
+    if class_names is None:
+        rows = torch.arange(len(vocab))
+        names = vocab.names
+    else:
+        rows = vocab.match(class_names, synsets_for_class_list(class_names))
+        missing = [class_names[i][0] for i in torch.nonzero(rows < 0).flatten().tolist()]
+        if missing:
+            raise ValueError(
+                f"{loaded.path}: {len(missing)} of {len(rows)} classes are not in the model's "
+                f"vocabulary (e.g. {missing[:8]}); train with their names file in "
+                "vocab.extra_names so they get rows"
+            )
+        names = [c[0] for c in class_names]
+    recipe_file = run_dir_of(loaded.path) / "recipe.yaml"
+    ev = load_recipe(recipe_file).eval if recipe_file.is_file() else EvalConfig()
+    seg = loaded.segmenter.to(device)
+    with torch.no_grad():
+        mu = loaded.table().to(device)[rows.to(device)]
+    return Predictor(seg, mu, rows, names, vocab.is_base(rows), ev, loaded.step, loaded.path)

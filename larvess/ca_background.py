@@ -1,0 +1,84 @@
+"""Single-label background of the CA-Classifier, as the official LarvSeg code selects it.
+
+Reference: github.com/HaojunYu1998/LarvSeg, ``mmseg/models/decode_heads/larv_seg_head.py``
+(``LarvSegHead._coseg_score`` and the module-level ``mse``; the identical code is in
+``mask_transformer_extend_voc_head.py``, the head of the released coseg configs). For a label l
+of an image without other labels:
+
+1. score[p, c] = the raw cosine x_p . mu_c (the head's ``scores``: detached, before its logit
+   norm, at the feature grid) for every class c of the batch's dataset (``cls_index``).
+2. bg_scores[c] = mean of the top ``background_topk`` = 5 values of score[:, c] over the pixels.
+3. background = {c : bg_scores[c] > background_thresh} minus l.
+4. The "MSE filter": S_fg [P] (mean cosine to l's memory) and each S_bg,c [P] are standardised
+   over the pixels, (s - mean) / std with torch's default *unbiased* std and no epsilon;
+   mse_c = mean_p (S_fg' - S_bg,c')^2; keep c with mse_c > background_mse_thresh.
+   Since an unbiased-standardised map has sum_p z_p^2 = P - 1, mse_c = 2 (P-1)/P (1 - r_c) with
+   r_c the Pearson correlation of S_fg and S_bg,c. So the filter drops background classes whose
+   memory response follows the foreground's: r_c >= 1 - P / (2 (P-1)) (~0.5) at threshold 1.0,
+   r_c >= -1 / (P-1) (~0) at 2.0 -- synonyms, parents, parts that would cancel the foreground in
+   S_fg - S_bg. A constant map (std 0) gives NaN, which never passes: dropped.
+5. The surviving S_bg,c are averaged; if none survive, S_bg = 1 - S_fg. (With other labels in
+   the image, those are the background: no threshold, no MSE filter.)
+
+Thresholds in the reference: head defaults background_thresh = 0.2, background_mse_thresh = 1.0
+(the WA150 + C171 configs, e.g. configs/coseg_coco171_ade150w/*_bg.py, leave them at default);
+the ImageNet config configs/coseg_coco171_ade847w_in585/
+vitb16_320k_wa847_c171_i585_s100_ib0.2_ab0.2_co_ic0.1_ac0.1_mbs10_wu1_fg20_bg5_bgt0.35_mse2.0.py
+sets 0.35 and 2.0.
+
+Deliberate differences:
+- Only warm classes (ring filled ``warm_up`` times) count as background. The reference starts
+  every ring as random unit vectors, so a cold class contributes ~0 noise that passes the MSE
+  filter and dilutes the mean. (An all-zero cold ring here would be dropped by step 4 anyway.)
+- Steps 1-2 run in class chunks (exact top-5 per class) so no [P, C] tensor exists at C = 21K.
+- The reference's ImageNet configs score 100 random classes plus the label (``use_sample_class``);
+  here the caller passes ``candidates`` (the source's rows, or a sample of them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from larvess import knn
+
+__all__ = ["top_score_mean", "standardised_mse"]
+
+_SCORE_ELEMS = 1 << 22  # CPU block of [B, P, classes] scores; device-sized on CUDA
+
+
+def top_score_mean(x: Tensor, table: Tensor, rows: Tensor | None = None, topk: int = 5) -> Tensor:
+    """Mean of the ``topk`` highest raw cosines over the pixels, per candidate class.
+
+    Args:
+        x: [P,d] or [B,P,d] pixel embeddings (unit).
+        table: [C,d] class rows (unit).
+        rows: LongTensor [n] of candidate rows (None = all C).
+        topk: pixels averaged (min(topk, P)).
+    Returns:
+        [n] or [B,n] in the order of ``rows``.
+    """
+    single = x.dim() == 2
+    xb = x[None] if single else x
+    if rows is None:
+        rows = torch.arange(table.shape[0], device=table.device)
+    B, P, _ = xb.shape
+    kk = min(topk, P)
+    out = xb.new_empty(B, len(rows))
+    block = knn.block_elems(xb.device, _SCORE_ELEMS, elem_bytes=xb.element_size())
+    step = max(1, block // max(1, B * P))
+    with torch.no_grad():
+        for c0 in range(0, len(rows), step):
+            mu = table[rows[c0 : c0 + step]].to(xb.dtype)  # [n,d]
+            scores = torch.einsum("bpd,nd->bpn", xb.detach(), mu)
+            out[:, c0 : c0 + step] = scores.topk(kk, dim=1).values.mean(dim=1)
+    return out[0] if single else out
+
+
+def standardised_mse(fg: Tensor, bg: Tensor) -> Tensor:
+    """The reference's ``mse(fg[:, None], bg)``: [P], [P,n] -> [n] (NaN for a constant map)."""
+
+    def z(t: Tensor) -> Tensor:
+        return (t - t.mean(dim=0, keepdim=True)) / t.std(dim=0, keepdim=True)
+
+    return (z(fg.reshape(-1, 1)) - z(bg)).pow(2).mean(dim=0)

@@ -1,0 +1,103 @@
+"""larvess/build.py: the recipe -> objects wiring (parameter groups, schedule, rows, batches)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny
+
+from larvess import build
+from larvess.checkpoint import STATE_FILE
+from larvess.config import OptimConfig, load_recipe
+from larvess.model import ClassTable, Segmenter
+
+TINY = dict(backbone="vit_tiny_patch16_224", dim=8, img_size=32,
+            backbone_kwargs=dict(depth=1, embed_dim=48, num_heads=3))  # fmt: skip
+
+
+def test_param_groups_follow_the_optimiser_section():
+    seg, table = Segmenter(**TINY), ClassTable(10, 8)
+    o = OptimConfig(lr=0.01, backbone_lr_mult=0.1, table_lr_mult=2.0, table_momentum=0.95)
+    groups = {g["name"]: g for g in build.param_groups(seg, table, o)}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-3)
+    assert groups["backbone_no_decay"]["lr"] == pytest.approx(1e-3)
+    assert groups["head"]["lr"] == pytest.approx(0.01)
+    assert groups["table"]["lr"] == pytest.approx(0.02)
+    assert groups["table"]["momentum"] == 0.95 and "momentum" not in groups["head"]
+    assert (
+        groups["table"]["weight_decay"] == 0.0 and groups["backbone_no_decay"]["weight_decay"] == 0
+    )
+    # every parameter in exactly one group; 1-D and token parameters never decayed
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    everything = list(seg.parameters()) + list(table.parameters())
+    assert sorted(ids) == sorted(id(p) for p in everything)
+    assert all(p.ndim >= 2 for p in groups["backbone"]["params"])
+    assert any(p.ndim == 1 for p in groups["backbone_no_decay"]["params"])
+    # LarvSeg's default: no backbone multiplier
+    default = {g["name"]: g["lr"] for g in build.param_groups(seg, table, OptimConfig())}
+    assert default["backbone"] == default["head"] == OptimConfig().lr
+
+
+def test_poly_schedule_reaches_the_same_floor_in_every_group(world, tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "toy.yaml", tiny(world, tmp_path, "s", 10)[1:] + [
+        "optim.name=sgd", "optim.lr=0.01", "optim.table_lr_mult=3.0", "schedule.min_lr=1e-4",
+        "schedule.warmup_steps=2", "schedule.power=0.9", "schedule.table_power=0.5",
+    ])  # fmt: skip
+    seg, table, _ = build.build_model(recipe, 12)
+    opt, sched = build.build_optimizer(recipe, seg, table)
+    lrs = []
+    for _ in range(recipe.schedule.steps):
+        lrs.append({g["name"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    lrs.append({g["name"]: g["lr"] for g in opt.param_groups})
+    assert lrs[0]["head"] == pytest.approx(0.01 / 2) and lrs[1]["head"] == pytest.approx(0.01)
+    for name, base in (("head", 0.01), ("table", 0.03)):
+        assert lrs[2][name] == pytest.approx(base)  # warm-up over
+        assert lrs[-1][name] == pytest.approx(1e-4)  # the floor, whatever the multiplier
+    # naive poly: (base - floor) * (1 - t)^power + floor, the table with its own power
+    t = (5 - 2) / (10 - 2)
+    assert lrs[5]["head"] == pytest.approx((0.01 - 1e-4) * (1 - t) ** 0.9 + 1e-4)
+    assert lrs[5]["table"] == pytest.approx((0.03 - 1e-4) * (1 - t) ** 0.5 + 1e-4)
+
+
+def test_mask_sources_get_the_low_rows_and_readers_their_rows(world, tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "toy.yaml", tiny(world, tmp_path, "r", 2)[1:])
+    vocab, readers = build.build_data(recipe)
+    coco, wa, imagenet = readers["coco"], readers["wa"], readers["imagenet"]
+    n_base = len(coco.class_names)
+    assert vocab.rows_of("coco").tolist() == list(range(n_base))
+    assert all(vocab.entries[r].has_masks for r in range(n_base))
+    assert not any(vocab.entries[r].has_masks for r in range(n_base, len(vocab)))
+    for name, ds in readers.items():
+        assert torch.equal(ds.rows, vocab.rows_of(name)), name
+    # ImageNet synsets joined rows by WordNet id only: their rows carry the wnids
+    for w, r in zip(imagenet.wnids, vocab.rows_of("imagenet").tolist()):
+        assert w in vocab.entries[r].wnids
+    assert len(wa.class_names) == len(set(vocab.rows_of("wa").tolist()))
+
+
+def test_global_batch_sizes_divide_over_processes(world, tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "toy.yaml", tiny(world, tmp_path, "b", 2)[1:]
+                         + ["data.coco.batch_size=6"])  # fmt: skip
+    coco = recipe.data[0]
+    assert build.per_process_batch(coco, 1) == 6 and build.per_process_batch(coco, 3) == 2
+    with pytest.raises(ValueError, match=r"'coco'.*batch_size 6.*4 processes"):
+        build.per_process_batch(coco, 4)
+
+
+def test_resume_resolution(world, tmp_path):
+    args = tiny(world, tmp_path, "res", 2)[1:]
+    recipe = load_recipe(ROOT / "recipes" / "toy.yaml", args)
+    assert build.resolve_resume(recipe) == (None, {"step": 0, "bad_steps": 0})
+    with pytest.raises(FileNotFoundError, match="--resume given"):
+        build.resolve_resume(recipe, require=True)
+    ckpt = Path(tmp_path) / "res" / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 4, "bad_steps": 1}))
+    assert build.resolve_resume(recipe) == (ckpt, {"step": 4, "bad_steps": 1})
+    never = load_recipe(ROOT / "recipes" / "toy.yaml", args + ["train.resume=never"])
+    assert build.resolve_resume(never)[0] is None
