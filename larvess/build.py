@@ -8,7 +8,6 @@ vocabulary), ``build_model`` / ``build_optimizer`` / ``build_ca``, ``build_batch
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,23 +23,8 @@ from larvess.data.mixing import MixedBatches, source_loader
 from larvess.data.transforms import TrainAugment
 from larvess.model import ClassTable, Segmenter
 from larvess.names import read_names_file
-from larvess.synsets import DATASETS, load_class_synsets, names_file
-from larvess.vocab import Vocabulary, normalize_name
-
-
-def synsets_for_class_list(class_names: list[list[str]]) -> list[list[str]] | None:
-    """The curated synsets of a class list that is one of the shipped datasets (COCO-Stuff-171,
-    ADE-150, ADE-847; compared by normalised display names), else None (no synsets: names only)."""
-    key = [normalize_name(c[0]) for c in class_names]
-    for dataset in DATASETS:
-        if key == _dataset_keys(dataset):
-            return load_class_synsets(dataset)
-    return None
-
-
-@functools.cache
-def _dataset_keys(dataset: str) -> list[str]:
-    return [normalize_name(c[0]) for c in read_names_file(names_file(dataset))]
+from larvess.synsets import synsets_for_class_list
+from larvess.vocab import Vocabulary
 
 
 def build_reader(s: SourceConfig, batch_size: int | None = None):

@@ -54,6 +54,7 @@ class LossConfig:
     label_stride: int = 1  # loss resolution = crop / label_stride (labels sampled at centres)
     margin: float = 0.2
     margin_weight: float = 1.0  # 0 disables L_r
+    margin_refresh: int = 1  # steps between the O(C^2 d) nearest-row searches of L_r
     cls_k: int | None = None  # image-level CE over target + k nearest; None = all classes
     ca_bank_size: int = 20  # M
     ca_topk: int = 20  # K
@@ -67,7 +68,7 @@ class LossConfig:
     knn_backend: str = "auto"  # auto | torch | faiss (GPU index when faiss has GPU support)
     pc2_weight: float = 0.0  # PC2Seg pixel-contrastive term on image-labelled sources; 0 = off
     pc2_negatives: int = 200  # sampled negative pixels per anchor (PC2Seg)
-    pc2_tau: float = 0.1  # PC2Seg temperature
+    pc2_tau: float = 0.5  # PC2Seg temperature (not stated in the supplementary; see pc2seg.py)
 
 
 @dataclass
@@ -84,7 +85,8 @@ class SourceConfig:
     seg_weight: float = 1.0  # mask sources
     cls_weight: float = 0.1  # image sources: LarvSeg image-level CE
     ca_weight: float = 0.1  # image sources: CA-Classifier
-    bg_threshold: float = 0.2  # CA background threshold (0.35 for ImageNet)
+    bg_threshold: float = 0.2  # CA single-label background: top-5 score threshold (ImageNet 0.35)
+    bg_mse_threshold: float = 1.0  # and LarvSeg's MSE filter threshold (ImageNet 2.0)
     names: str | None = None  # names file (ADE-847 table; ImageNet lemmas, default timm's)
     from_json: bool = False  # COCO-Stuff: read the stuff/instances JSONs instead of the PNGs
     skip_missing: bool = False  # images without a label file (or the reverse): skip and count
@@ -255,6 +257,8 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     _check(lo.combine in ("batch_mean", "sum"), src, "loss.combine", lo.combine, "batch_mean/sum")
     ok = lo.knn_backend in ("auto", "torch", "faiss")
     _check(ok, src, "loss.knn_backend", lo.knn_backend, "one of auto, torch, faiss")
+    ok = lo.margin_refresh >= 1
+    _check(ok, src, "loss.margin_refresh", lo.margin_refresh, "must be >= 1 (1 = every step)")
     _check(lo.pc2_weight >= 0, src, "loss.pc2_weight", lo.pc2_weight, "must be >= 0")
     _check(lo.pc2_negatives >= 1, src, "loss.pc2_negatives", lo.pc2_negatives, "must be >= 1")
     _check(lo.pc2_tau > 0, src, "loss.pc2_tau", lo.pc2_tau, "must be > 0")

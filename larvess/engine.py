@@ -20,7 +20,7 @@ from larvess.ca_classifier import CAClassifier
 from larvess.checkpoint import save_checkpoint
 from larvess.config import LossConfig, SourceConfig, TrainConfig
 from larvess.data.transforms import photometric_view
-from larvess.losses import image_level_ce, knn_sampled_ce, margin_regularizer
+from larvess.losses import image_level_ce, knn_sampled_ce, margin_regularizer, nearest_rows
 from larvess.model import ClassTable, Segmenter, upsample_embeddings
 from larvess.pc2seg import pixel_contrastive_loss
 
@@ -71,13 +71,15 @@ def compute_losses(
     ca: CAClassifier | None,
     lo: LossConfig,
     views: list[Tensor | None] | None = None,
+    margin_nearest: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Weighted loss terms of one step; 'total' is their sum.
 
     xs: per source x [B,d,h,w] at the feature grid; mu: [C,d] unit rows; source_rows: per
     source LongTensor of its vocabulary rows (negatives come from them with
     lo.negatives == "source", LarvSeg's ``cls_emb[cls_index]``); views: per source the second
-    view's embeddings for the PC2 term (None where absent).
+    view's embeddings for the PC2 term (None where absent); margin_nearest: the nearest other
+    row of each row from a recent search (None = search now).
     """
     terms: dict[str, Tensor] = {}
     shares = source_shares(sources, lo.combine)
@@ -104,14 +106,15 @@ def compute_losses(
         if src.ca_weight > 0 and ca is not None:
             ca_loss = ca.loss(
                 x, labels, mu, lo.scale, k=lo.cls_k, bg_threshold=src.bg_threshold,
-                candidates=rows if own else None,
+                bg_mse_threshold=src.bg_mse_threshold, candidates=rows if own else None,
             )  # fmt: skip
             terms[f"ca/{src.name}"] = share * src.ca_weight * ca_loss
         if lo.pc2_weight > 0 and x2 is not None:
             pc2 = pixel_contrastive_loss(x, x2, num_negatives=lo.pc2_negatives, tau=lo.pc2_tau)
             terms[f"pc2/{src.name}"] = share * lo.pc2_weight * pc2
     if lo.margin_weight > 0:
-        terms["margin"] = lo.margin_weight * margin_regularizer(mu, lo.margin)
+        reg = margin_regularizer(mu, lo.margin, lo.knn_backend, nearest=margin_nearest)
+        terms["margin"] = lo.margin_weight * reg
     terms["total"] = sum(terms.values())
     return terms
 
@@ -160,11 +163,15 @@ def train(
     consecutive_bad, t_last, seen = 0, time.time(), 0
     rows = [r.to(device) for r in source_rows]
     pc2 = [lo.pc2_weight > 0 and s.supervision == "image" for s in sources]
+    nearest = None  # L_r's nearest rows, searched every lo.margin_refresh steps
     net.train()
     end = steps if tc.stop_after <= 0 else min(steps, start_step + tc.stop_after)
     for step in range(start_step, end):
         optimizer.zero_grad(set_to_none=True)
         bad = False
+        if lo.margin_weight > 0 and (nearest is None or step % lo.margin_refresh == 0):
+            with torch.no_grad():
+                nearest = nearest_rows(accelerator.unwrap_model(net).table(), lo.knn_backend)
         for micro in range(tc.grad_accum):
             # -- data: one batch of every source; PC2 adds a photometric second view
             step_batch = next(batches)
@@ -181,7 +188,7 @@ def train(
                 views = [next(it).float() if on else None for on in pc2]
                 terms = compute_losses(
                     [x.float() for x in xs[: len(sources)]], mu.float(), batch_list, sources,
-                    rows, ca, lo, views,
+                    rows, ca, lo, views, nearest,
                 )  # fmt: skip
             # -- every process must agree to skip, or DDP's gradient all-reduce would hang
             if not _all_finite(accelerator, terms["total"]):

@@ -227,20 +227,31 @@ def knn_sampled_ce(
 
 
 @in_fp32
-def margin_regularizer(table: Tensor, margin: float = 0.2, backend: str = "auto") -> Tensor:
+def margin_regularizer(
+    table: Tensor, margin: float = 0.2, backend: str = "auto", nearest: Tensor | None = None
+) -> Tensor:
     """ESS eq. 7: L_r = mean_c max(0, m - min_{j!=c} ||mu_c - mu_j||).
 
     The nearest other row comes from the kNN search (inner product = L2 order on unit rows),
     never a CxC matrix. The distance is the norm of the difference, which on unit rows equals
     sqrt(2 - 2 cos) without the cancellation that formula suffers near 0.
+    nearest: LongTensor [C] from ``nearest_rows`` of an earlier table (the search is O(C^2 d):
+    2 s of a CPU step at 21,841 rows); the distances are always those of the current rows.
     """
     C = table.shape[0]
     if C < 2:
         return zero_with_grad(table)
-    own = torch.arange(C, device=table.device)
-    nearest = knn.search(table, table, 1, backend=backend, exclude=own)[:, 0]
+    if nearest is None:
+        nearest = nearest_rows(table, backend)
     dist = (table - table[nearest]).norm(dim=1)
     return F.relu(margin - dist).mean()
+
+
+@in_fp32
+def nearest_rows(table: Tensor, backend: str = "auto") -> Tensor:
+    """LongTensor [C]: the nearest other row of every row of a unit table [C,d] (no gradient)."""
+    own = torch.arange(table.shape[0], device=table.device)
+    return knn.search(table.detach(), table.detach(), 1, backend=backend, exclude=own)[:, 0]
 
 
 @in_fp32

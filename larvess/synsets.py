@@ -7,9 +7,10 @@ timm's imagenet22k_synsets.txt that have the dataset's meaning of the class, or 
 The files are the reviewed output of scripts/make_wordnet_candidates.py; their "#" header says
 how they were made. Format (tab-separated, one header line, then one line per class)::
 
-    index   name    wnids                   definition
-    64      mouse   n03793489               a hand-operated electronic device that ...
-    114     ground  -                       (no synset: reason)
+    index   name            wnids                   definition
+    60      dining table    n03201208,n04379964     a table at which meals are served
+    64      mouse           n03793489               a hand-operated electronic device that ...
+    114     ground-other    -                       no synset: ImageNet-21K's "ground, earth" is ...
 """
 
 from __future__ import annotations

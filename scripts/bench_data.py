@@ -141,13 +141,13 @@ def plan_scale(n_items: int, n_shards: int, tmp: Path) -> dict:
     out = tmp / "shards"
     (out / "manifests").mkdir(parents=True)
     args = {"name": "bench", "shard_size": 1000, "version": PLAN_VERSION}
-    meta = {"args": args, "args_hash": "0123456789abcdef", "num_shards": n_shards}
+    meta = {"args": args, "plan_id": "0123456789abcdef", "num_shards": n_shards}
     rng = np.random.default_rng(0)
     for i in range(n_shards):  # 20 KiB stand-ins: the check reads manifests and stats shards
         data = rng.integers(0, 256, 20 * 1024, dtype=np.uint8).tobytes()
         fn = shard_name("bench", i)
         (out / fn).write_bytes(data)
-        rec = {"filename": fn, "num_samples": 1000, "size": len(data), "plan": meta["args_hash"],
+        rec = {"filename": fn, "num_samples": 1000, "size": len(data), "plan": meta["plan_id"],
                "sha1": hashlib.sha1(data).hexdigest(), "num_reencoded": 0, "skipped": []}  # fmt: skip
         (out / "manifests" / f"{fn[:-4]}.json").write_text(json.dumps(rec))
     for check_sha1 in (False, True):

@@ -32,6 +32,7 @@ from larvess.build import param_groups
 from larvess.ca_classifier import CAClassifier
 from larvess.config import LossConfig, OptimConfig, SourceConfig
 from larvess.engine import compute_losses
+from larvess.losses import nearest_rows
 from larvess.model import ClassTable, Segmenter
 
 MASK_CLASSES = 171
@@ -49,7 +50,7 @@ def one_row(args: argparse.Namespace, num_classes: int) -> dict:
     table = ClassTable(num_classes, 64).to(dev)
     ca = CAClassifier(num_classes, 64, bank_size=20, topk=20, warm_up=0).to(dev)
     opt = torch.optim.SGD(param_groups(seg, table, OptimConfig()), lr=1e-3, momentum=0.9)
-    lo = LossConfig(k=8, cls_k=64, label_stride=2)
+    lo = LossConfig(k=8, cls_k=64, label_stride=2, margin_refresh=args.margin_refresh)
     sources = [
         SourceConfig(name="coco", kind="coco_stuff", root="-", batch_size=args.batch),
         SourceConfig(name="in", kind="imagenet_wds", root="-", batch_size=args.batch,
@@ -72,7 +73,7 @@ def one_row(args: argparse.Namespace, num_classes: int) -> dict:
         ]  # fmt: skip
 
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-    times = []
+    times, nearest = [], None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
@@ -81,10 +82,13 @@ def one_row(args: argparse.Namespace, num_classes: int) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        if step % lo.margin_refresh == 0:  # as engine.train: L_r's O(C^2 d) neighbour search
+            with torch.no_grad():
+                nearest = nearest_rows(table(), lo.knn_backend)
         with amp if amp else torch.autocast("cpu", enabled=False):
             xs = [seg(b["image"]).float() for b in bl]
             mu = table().float()
-            terms = compute_losses(xs, mu, bl, sources, rows, ca, lo)
+            terms = compute_losses(xs, mu, bl, sources, rows, ca, lo, margin_nearest=nearest)
         terms["total"].backward()
         opt.step()
         if dev.type == "cuda":
@@ -96,7 +100,8 @@ def one_row(args: argparse.Namespace, num_classes: int) -> dict:
     return {"classes": num_classes, "step_s": statistics.median(times), "peak_mib": peak,
             "images_per_s": 2 * args.batch / statistics.median(times), "device": str(dev),
             "backbone": backbone, "mask_crop": mask_crop, "image_crop": img_crop,
-            "batch_per_source": args.batch, "loss": float(terms["total"])}  # fmt: skip
+            "batch_per_source": args.batch, "margin_refresh": lo.margin_refresh,
+            "loss": float(terms["total"].detach())}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -107,18 +112,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=4, help="images per source per step")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--margin-refresh",
+        type=int,
+        nargs="+",
+        default=[1, 10],
+        help="steps between L_r's neighbour searches (rows for each value)",
+    )
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     if args.row is not None:
+        args.margin_refresh = args.margin_refresh[0]
         print(json.dumps(one_row(args, args.row)))
         return []
     rows = []
-    for c in args.classes:
+    for c, refresh in [(c, r) for r in args.margin_refresh for c in args.classes]:
         # a fresh process per row: peak memory is this row's alone
-        cmd = [sys.executable, __file__, "--row", str(c), "--crop", str(args.crop),
-               "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + (["--real"] if args.real else [])  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--row",
+            str(c),
+            "--crop",
+            str(args.crop),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--margin-refresh",
+            str(refresh),
+        ]
+        cmd += ["--real"] if args.real else []  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"C={c} failed:\n{out.stderr[-2000:]}")
@@ -127,12 +154,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\none training step ({base['backbone']}, crops {base['mask_crop']}/"
           f"{base['image_crop']}, {base['batch_per_source']} + {base['batch_per_source']} "
           f"images, {base['device']})")  # fmt: skip
-    print(f"{'classes':>8} {'step s':>8} {'img/s':>7} {'peak MiB':>9} {'time x':>7} {'mem x':>6}")
-    for r in rows:
-        r["time_ratio"] = r["step_s"] / base["step_s"]
-        r["memory_ratio"] = r["peak_mib"] / base["peak_mib"]
-        print(f"{r['classes']:>8} {r['step_s']:>8.3f} {r['images_per_s']:>7.1f} "
-              f"{r['peak_mib']:>9.1f} {r['time_ratio']:>7.2f} {r['memory_ratio']:>6.2f}")  # fmt: skip
+    print(f"{'classes':>8} {'L_r every':>9} {'step s':>8} {'img/s':>7} {'peak MiB':>9} "
+          f"{'time x':>7} {'mem x':>6}")  # fmt: skip
+    for r in rows:  # ratios against the 171-class row with the same refresh
+        ref = next(b for b in rows if b["margin_refresh"] == r["margin_refresh"])
+        r["time_ratio"] = r["step_s"] / ref["step_s"]
+        r["memory_ratio"] = r["peak_mib"] / ref["peak_mib"]
+        print(f"{r['classes']:>8} {r['margin_refresh']:>9} {r['step_s']:>8.3f} "
+              f"{r['images_per_s']:>7.1f} {r['peak_mib']:>9.1f} {r['time_ratio']:>7.2f} "
+              f"{r['memory_ratio']:>6.2f}")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_step.json").write_text(json.dumps(rows, indent=1))

@@ -65,8 +65,7 @@ def run_variant(variant: str, seed: int, steps: int, world: Path, out: Path) -> 
     ev = out / "runs" / name / "eval_ade150"
     subprocess.run(
         [py, "scripts/eval_ade.py", "--checkpoint", str(out / "runs" / name), "--dataset",
-         "ade150", "--root", str(world / "ade"), "--window", "128", "--stride", "128",
-         "--short-side", "128", "--out", str(ev)],
+         "ade150", "--root", str(world / "ade"), "--out", str(ev)],
         cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     summary = json.loads((ev / "results.json").read_text())["summary"]

@@ -204,7 +204,9 @@ def fill_definitions(path: Path, info: Path | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("wordnet_candidates.tsv"))
-    p.add_argument("--timm-info", type=Path, default=None, help="timm/data/_info (default: installed)")
+    p.add_argument(
+        "--timm-info", type=Path, default=None, help="timm/data/_info (default: installed)"
+    )
     p.add_argument("--fill", type=Path, nargs="*", default=None, help="reviewed mapping files")
     args = p.parse_args(argv)
     if args.fill:

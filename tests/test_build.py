@@ -101,3 +101,30 @@ def test_resume_resolution(world, tmp_path):
     assert build.resolve_resume(recipe) == (ckpt, {"step": 4, "bad_steps": 1})
     never = load_recipe(ROOT / "recipes" / "toy.yaml", args + ["train.resume=never"])
     assert build.resolve_resume(never)[0] is None
+
+
+def test_real_vocabularies_merge_by_meaning():
+    """COCO-Stuff-171 masks + ADE-150 image labels + ImageNet synsets whose lemmas are traps:
+    a synset joins a dataset class only through the shipped curated mapping."""
+    from larvess.meta import ADE150_NAMES, COCO_STUFF_LABELS
+    from larvess.names import read_names_file, read_synset_lemmas
+    from larvess.synsets import synsets_for_class_list, timm_info_dir
+    from larvess.vocab import Vocabulary
+
+    coco, ade = read_names_file(COCO_STUFF_LABELS), read_names_file(ADE150_NAMES)
+    v = Vocabulary()
+    v.add_source("coco", coco, synsets_for_class_list(coco), has_masks=True)
+    rows_a = v.add_source("wa150", ade, synsets_for_class_list(ade))
+    lemmas = read_synset_lemmas(timm_info_dir() / "imagenet_synset_to_lemma.txt")
+    traps = {"n02330245": None, "n10085101": None, "n01608432": None,  # rodent, dealer, hawk
+             "n03793489": "mouse", "n03327234": "fence", "n02084071": "dog"}  # fmt: skip
+    rows_i = v.add_source("in", [lemmas[w] for w in traps], list(traps), by_synset=True)
+    coco_row = {c[0]: r for c, r in zip(coco, v.rows_of("coco").tolist())}
+    for (w, meant), r in zip(traps.items(), rows_i.tolist()):
+        if meant is None:  # a lemma shared with a COCO class, another meaning: its own row
+            assert r >= len(coco) and v.entries[r].sources == ["in"], (w, v.entries[r])
+        else:
+            assert r == coco_row[meant], (w, v.names[r])
+    base = v.is_base(rows_a)
+    assert 55 <= int(base.sum()) <= 75  # LarvSeg's name-based split: 63
+    assert v.names[rows_a[[a[0] for a in ade].index("fence")]] == "fence"

@@ -381,6 +381,7 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_processes_end_with_identical_banks():
     with tempfile.TemporaryDirectory() as tmp:

@@ -126,3 +126,30 @@ def test_shipped_recipes_load():
 def test_from_dict_without_file():
     r = recipe_from_dict(GOOD)
     assert r.name == "t"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("loss.negatives=everything", "loss.negatives"),
+        ("loss.combine=mean", "loss.combine"),
+        ("loss.margin_refresh=0", "loss.margin_refresh"),
+        ("data.coco.label_format=trainid182", "data.0.label_format"),
+        ("data.coco.base_scale=[320]", "data.0.base_scale"),
+        ("model.drop_path=1.5", "model.drop_path"),
+    ],
+)
+def test_loss_semantics_keys_are_validated(tmp_path, override, key):
+    path = write(tmp_path, GOOD)
+    with pytest.raises(RecipeError, match=rf"r\.yaml: '{key}' = .* is invalid"):
+        load_recipe(path, [override])
+
+
+def test_larvseg_defaults():
+    r = Recipe()
+    assert (r.loss.negatives, r.loss.combine) == ("source", "batch_mean")
+    assert r.optim.backbone_lr_mult == 1.0 and r.schedule.min_lr == 1e-5
+    assert r.model.drop_path == 0.1
+    for name in ("c171_wa150_i124", "c171_wa847_i585"):
+        image = [s for s in load_recipe(RECIPES / f"{name}.yaml").data if s.supervision == "image"]
+        assert {(s.cls_weight, s.ca_weight) for s in image} == {(0.2, 0.1)}, name

@@ -157,6 +157,8 @@ def test_class_both_folder_and_tar(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"{WNIDS[2]}/ and .*{WNIDS[2]}\.tar.*--prefer"):
         write_shards(root, tmp_path / "x", progress=False)
     assert find_sources(root, "folder")[WNIDS[2]] == WNIDS[2]
+    info = write_shards(root, tmp_path / "one", synsets=WNIDS[:2], progress=False)
+    assert info["num_samples"] == 12  # the conflict is in a class not asked for
     info = write_shards(root, tmp_path / "t", prefer="tar", progress=False)
     assert info["num_samples"] == 24 and info["args"]["prefer"] == "tar"
     info = write_shards(root, tmp_path / "f", prefer="folder", progress=False)
@@ -188,6 +190,14 @@ def test_damaged_and_changed_tars(tmp_path: Path) -> None:
         f.write(b"\0" * 512)
     with pytest.raises(RuntimeError, match=rf"{WNIDS[1]}\.tar.*changed"):
         write_shards(root, tmp_path / "out", shard_size=4, progress=False)
+    _write_tar(root / f"{WNIDS[1]}.tar", {"n01443537_1.JPEG": _jpeg(np.random.default_rng(1))})
+    (tmp_path / "out" / "plan.json").unlink()  # list again: old manifests no longer count
+    info = write_shards(root, tmp_path / "out", shard_size=4, progress=False)
+    fresh = write_shards(root, tmp_path / "fresh", shard_size=4, progress=False)
+    assert info == fresh and info["num_samples"] == 12
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == info["filenames"]
+    for n in info["filenames"]:
+        assert (tmp_path / "out" / n).read_bytes() == (tmp_path / "fresh" / n).read_bytes()
 
 
 def test_two_nodes_and_merge_match_one_machine(tmp_path: Path) -> None:

@@ -54,6 +54,44 @@ def test_two_processes_step_in_lockstep(world, tmp_path):
     assert (tmp_path / "runs" / "ddp" / "model.pt").is_file()
 
 
+@pytest.mark.slow
+def test_two_machines_of_one_process_each(world, tmp_path):
+    """Multi-node as users launch it: one accelerate launch per machine (here both on
+    localhost, gloo), global ranks 0 and 1; same result guarantees as one machine."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    batch = [f"data.{n}.batch_size=4" for n in ("coco", "wa", "imagenet")]
+    args = tiny(world, tmp_path / "runs", "nodes", 3, "train.ckpt_every=3", *batch)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in (0, 1):
+        launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
+                  "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+                  "--dynamo_backend", "no"]  # fmt: skip
+        cmd = launch + [str(ROOT / "tests" / "train_driver.py"), str(out)] + args
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    r0, r1 = load_params(out / "rank0.pt"), load_params(out / "rank1.pt")
+    assert r0["step"] == r1["step"] == 3
+    for name in ("coco", "wa", "imagenet"):  # each global rank draws its own samples
+        assert not set(r0["keys"][name]) & set(r1["keys"][name]), name
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k
+    for k, v in r0["bank"].items():
+        assert torch.equal(v, r1["bank"][k]), k
+    # one writer: the main process of machine 0 wrote the run folder (shared disk here)
+    assert (tmp_path / "runs" / "nodes" / "model.pt").is_file()
+    assert sum("run folder" in log for log in logs) == 1
+
+
 def test_resume_matches_straight_run(world, tmp_path):
     runs = tmp_path / "runs"
     train.main(tiny(world, runs, "straight", 6, "train.ckpt_every=3", imagenet=False))

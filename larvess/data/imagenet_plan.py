@@ -62,8 +62,13 @@ def read_synsets(path: str | Path) -> list[str]:
     return wnids
 
 
-def find_sources(root: str | Path, prefer: str | None = None) -> dict[str, str]:
-    """{wnid: source} for root's class folders `nXXXXXXXX/` and class tars `nXXXXXXXX.tar`."""
+def find_sources(
+    root: str | Path, prefer: str | None = None, wanted: set[str] | None = None
+) -> dict[str, str]:
+    """{wnid: source} for root's class folders `nXXXXXXXX/` and class tars `nXXXXXXXX.tar`.
+
+    A class both a folder and a tar is an error unless prefer ("tar" / "folder") picks one;
+    with `wanted`, only those classes are returned (and checked)."""
     if prefer not in (None, "tar", "folder"):
         raise ValueError(f"prefer must be 'tar', 'folder' or None, got {prefer!r}")
     folders: dict[str, str] = {}
@@ -74,6 +79,9 @@ def find_sources(root: str | Path, prefer: str | None = None) -> dict[str, str]:
                 folders[e.name] = e.name
             elif (m := _TAR.match(e.name)) and e.is_file():
                 tars[m.group(1)] = e.name
+    if wanted is not None:
+        folders = {w: s for w, s in folders.items() if w in wanted}
+        tars = {w: s for w, s in tars.items() if w in wanted}
     both = sorted(set(folders) & set(tars))
     if both and prefer is None:
         eg = ", ".join(f"{Path(root) / w}/ and {Path(root) / tars[w]}" for w in both[:3])
@@ -197,6 +205,15 @@ class Plan:
     def name(self, j: int) -> str:
         return os.fsdecode(self.names[self.name_off[j] : self.name_off[j + 1]].tobytes())
 
+    def fingerprint(self) -> str:
+        """sha1 of the arrays and the per-class sources: what the shards' bytes depend on."""
+        h = hashlib.sha1(self.meta["args_hash"].encode())
+        for k in ARRAYS:
+            h.update(np.ascontiguousarray(getattr(self, k)).view(np.uint8).data)
+        extra = [self.meta[k] for k in ("sources", "source_sizes", "listing_skipped")]
+        h.update(json.dumps(extra).encode())
+        return h.hexdigest()[:20]
+
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         with open(tmp, "wb") as f:
@@ -303,7 +320,7 @@ def make_plan(
     root: Path, synsets: list[str], args: dict, workers: int = 1, progress: bool = True
 ) -> Plan:
     """List every class (in parallel: `workers` processes) and fix the sample order."""
-    found = find_sources(root, args["prefer"])
+    found = find_sources(root, args["prefer"], set(synsets))
     sources = [found.get(w) for w in synsets]
     jobs = [
         (str(root), c, w, s, args["seed"], args["max_per_class"])
@@ -330,7 +347,7 @@ def make_plan(
 
     arrays, cmeta = assemble(listings(), len(synsets), args["seed"])
     n = len(arrays["order"])
-    meta = {
+    meta: dict = {
         "args": args,
         "args_hash": args_hash(args),
         "root": str(Path(root).resolve()),
@@ -341,7 +358,9 @@ def make_plan(
         "num_shards": (n + args["shard_size"] - 1) // args["shard_size"],
         "missing_synsets": [w for w, s in zip(synsets, sources) if s is None],
     }
-    return Plan(meta, arrays)
+    plan = Plan(meta, arrays)
+    meta["plan_id"] = plan.fingerprint()  # manifests name it: a re-listed plan redoes shards
+    return plan
 
 
 def load_or_make_plan(

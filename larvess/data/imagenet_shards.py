@@ -109,7 +109,8 @@ class _Reader:
             os.close(fd)
             raise RuntimeError(
                 f"{path}: {got} bytes, but {want} when the plan was made: the data changed; "
-                "use a new --out (or delete plan.json) to list it again"
+                "use a new --out, or delete OUT/plan.json to list it again (every shard is then "
+                "rewritten)"
             )
         if len(self.fds) >= self.max_open:
             os.close(self.fds.popitem(last=False)[1])
@@ -188,7 +189,7 @@ def write_shard(i: int) -> dict:
         "num_reencoded": n_re,
         "size": size,
         "sha1": sha.hexdigest(),
-        "plan": plan.meta["args_hash"],
+        "plan": plan.meta["plan_id"],
         "skipped": skipped,
     }
     _atomic_write(out / "manifests" / f"{final.stem}.json", json.dumps(rec))
@@ -214,7 +215,7 @@ def check_shard(out: Path, meta: dict, i: int, check_sha1: bool = False) -> dict
     mp_, tp = out / "manifests" / f"{fn[:-4]}.json", out / fn
     try:
         rec = json.loads(mp_.read_text())
-        if rec.get("plan") != meta["args_hash"] or tp.stat().st_size != rec["size"]:
+        if rec.get("plan") != meta["plan_id"] or tp.stat().st_size != rec["size"]:
             return None
         if check_sha1 and _sha1_file(tp) != rec["sha1"]:
             return None
@@ -289,6 +290,11 @@ def write_shards(
     for p in out.glob(f".{name}-*.tar.tmp-*"):  # left by a killed run of this rank
         i = int(p.name[len(name) + 2 :].split(".")[0])
         if i % num_nodes == node_rank:
+            p.unlink(missing_ok=True)
+    for p in [*out.glob(f"{name}-*.tar"), *(out / "manifests").glob(f"{name}-*.json")]:
+        i = p.name[len(name) + 1 :].split(".")[0]
+        if i.isdigit() and int(i) >= meta["num_shards"]:  # from a plan listed before this one
+            log.warning("removing %s: not part of the current plan", p)
             p.unlink(missing_ok=True)
     done = check_shards(out, meta, mine, check_sha1, workers, progress)
     todo = [i for i in mine if i not in done]

@@ -1,0 +1,99 @@
+"""engine.compute_losses: per-source negatives and the per-source loss combination, against
+the same terms written out by hand; the margin search cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from larvess.config import LossConfig, SourceConfig
+from larvess.engine import compute_losses, source_shares, to_local
+from larvess.losses import image_level_ce, margin_regularizer, nearest_rows
+
+S = 40.0
+
+
+def unit(*shape, seed):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def setup():
+    C, d = 30, 6
+    mu = unit(C, d, seed=0).requires_grad_()
+    x_mask = unit(2, d, 4, 4, seed=1)
+    x_img = unit(2, d, 4, 4, seed=2)
+    mask_rows = torch.arange(0, 10)  # a COCO-like source: rows 0..9
+    img_rows = torch.tensor([3, 4] + list(range(10, 30)))  # ImageNet-like: 2 shared rows + 20
+    label = torch.randint(0, 10, (2, 4, 4), generator=torch.Generator().manual_seed(3))
+    label[0, 0, :2] = -1
+    batches = [{"label": label}, {"labels": [torch.tensor([12]), torch.tensor([3, 20])]}]
+    sources = [
+        SourceConfig(name="coco", kind="coco_stuff", root="-", batch_size=6),
+        SourceConfig(name="in", kind="imagenet_wds", root="-", batch_size=2, cls_weight=0.5,
+                     ca_weight=0.0),
+    ]  # fmt: skip
+    return mu, [x_mask, x_img], batches, sources, [mask_rows, img_rows]
+
+
+def test_source_shares():
+    _, _, _, sources, _ = setup()
+    assert source_shares(sources, "batch_mean") == [0.75, 0.25]
+    assert source_shares(sources, "sum") == [1.0, 1.0]
+
+
+def test_to_local_maps_rows_into_the_source_label_space():
+    rows = torch.tensor([7, 2, 9])
+    assert to_local(rows, torch.tensor([[9, -1], [7, 2]])).tolist() == [[2, -1], [0, 1]]
+
+
+@pytest.mark.parametrize("negatives", ["source", "all"])
+@pytest.mark.parametrize("combine", ["batch_mean", "sum"])
+def test_compute_losses_equals_the_terms_by_hand(negatives, combine):
+    mu, xs, batches, sources, rows = setup()
+    # k >= every source's class count - 1: the kNN-sampled CE is the full softmax over the
+    # candidates, so the reference can be written without any search
+    lo = LossConfig(k=40, cls_k=None, margin_weight=0.5, margin=1.5, negatives=negatives,
+                    combine=combine)  # fmt: skip
+    terms = compute_losses(xs, mu, batches, sources, rows, None, lo)
+    share = [0.75, 0.25] if combine == "batch_mean" else [1.0, 1.0]
+    cand = rows if negatives == "source" else [torch.arange(30)] * 2
+    # pixel CE: softmax over the source's rows only
+    x = xs[0].permute(0, 2, 3, 1).reshape(-1, 6)
+    y = batches[0]["label"].reshape(-1)
+    keep = y >= 0
+    local = to_local(cand[0], y[keep])
+    seg = F.cross_entropy(S * x[keep] @ mu[cand[0]].T, local)
+    # image-level CE: pooled embedding against the source's rows, other labels excluded
+    want_cls = 0.0
+    pairs = [(0, 12, []), (1, 3, [20]), (1, 20, [3])]
+    pooled = xs[1].mean(dim=(2, 3))
+    for b, t, other in pairs:
+        allowed = [r for r in cand[1].tolist() if r not in other]
+        z = S * pooled[b] @ mu[allowed].T
+        want_cls = want_cls - F.log_softmax(z, dim=0)[allowed.index(t)]
+    want_cls = want_cls / len(pairs)
+    want = share[0] * seg + share[1] * 0.5 * want_cls + 0.5 * margin_regularizer(mu, 1.5)
+    assert torch.allclose(terms["total"], want, atol=1e-5)
+    assert torch.allclose(terms["seg/coco"], share[0] * seg, atol=1e-5)
+    # gradients: with source negatives, no COCO pixel pushes an ImageNet-only row
+    mu.grad = None
+    terms["seg/coco"].backward()
+    touched = mu.grad.abs().sum(dim=1) > 0
+    assert touched[:10].any()
+    assert touched[10:].any() == (negatives == "all")
+    # image_level_ce itself agrees on local labels
+    local_labels = [to_local(cand[1], L) for L in batches[1]["labels"]]
+    got = image_level_ce(xs[1], local_labels, mu[cand[1]], S)
+    assert torch.allclose(got, want_cls, atol=1e-5)
+
+
+def test_margin_with_cached_neighbours_equals_a_fresh_search():
+    mu = unit(50, 4, seed=5).requires_grad_()
+    fresh = margin_regularizer(mu, 0.8)
+    cached = margin_regularizer(mu, 0.8, nearest=nearest_rows(mu))
+    assert torch.allclose(fresh, cached) and fresh > 0
+    # a stale neighbour list still scores the current rows' distances
+    stale = torch.roll(nearest_rows(mu), 1)
+    naive = F.relu(0.8 - (mu - mu[stale]).norm(dim=1)).mean()
+    assert torch.allclose(margin_regularizer(mu, 0.8, nearest=stale), naive)
