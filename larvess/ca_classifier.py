@@ -102,7 +102,7 @@ class CAClassifier(nn.Module):
         total = (self.bank[classes] * slot_ok[..., None]).sum(dim=1)
         return total / filled.clamp(min=1)[:, None].to(total.dtype)
 
-    def _slot(self, emb: Tensor, score: Tensor) -> Tensor:
+    def _slot_mean(self, emb: Tensor, score: Tensor) -> Tensor:
         """Mean of the normalised embeddings of the topk highest-score pixels -> [d]."""
         x = emb.detach().reshape(emb.shape[0], -1)
         top = score.detach().reshape(-1).topk(min(self.topk, x.shape[1])).indices
@@ -116,7 +116,7 @@ class CAClassifier(nn.Module):
         process must call it the same number of times."""
         if not 0 <= int(c) < self.num_classes:
             raise ValueError(f"enqueue: class {int(c)} outside [0, {self.num_classes})")
-        slot = self._slot(emb, score)
+        slot = self._slot_mean(emb, score)
         self._push(slot[None], torch.tensor([int(c)], device=slot.device))
 
     @torch.no_grad()
@@ -300,7 +300,7 @@ class CAClassifier(nn.Module):
         with torch.no_grad():
             mu = table.detach()
             slots = [
-                self._slot(
+                self._slot_mean(
                     emb[b], torch.einsum("dhw,d->hw", emb[b].detach(), mu[lab].to(emb.dtype))
                 )
                 for b, lab in pairs

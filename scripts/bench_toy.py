@@ -55,6 +55,7 @@ def run_variant(variant: str, seed: int, steps: int, world: Path, out: Path) -> 
         overrides += [
             f"data.imagenet.root={world / 'shards'}",
             f"data.imagenet.names={world / 'imagenet_lemmas.txt'}",
+            f"vocab.alias_file={world / 'aliases.txt'}",
             f"data.wa.root={world / 'ade'}",
         ]
     py = sys.executable

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"data.coco.root={world / 'coco_stuff'}",
         f"data.imagenet.root={shards}",
         f"data.imagenet.names={world / 'imagenet_lemmas.txt'}",
+        f"vocab.alias_file={world / 'aliases.txt'}",
         f"data.wa.root={world / 'ade'}",
         "train.resume=never",
     ]

@@ -59,6 +59,7 @@ def tiny(world: Path, runs: Path, name: str, steps: int, *extra: str, imagenet=T
         "loss.ca_topk=4",
         f"data.coco.root={world / 'coco_stuff'}",
         f"data.wa.root={world / 'ade'}",
+        f"vocab.alias_file={world / 'aliases.txt'}",
     ]
     if imagenet:
         args += [f"data.imagenet.root={world / 'shards'}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,16 @@ def make_ade_full_download(
             pickle.dump(idx, f)
     (ds / "objects.txt").write_text("objectnames\n")
     return ds
+
+
+def read_tars(out: Path) -> dict[str, dict]:
+    """Naive reader: key -> {ext: bytes, "shard": name} over every out/*.tar."""
+    samples: dict[str, dict] = {}
+    for t in sorted(out.glob("*.tar")):
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                s = samples.setdefault(key, {"shard": t.name})
+                assert s["shard"] == t.name, f"{key} in two shards"
+                s[ext] = tf.extractfile(m).read()
+    return samples

@@ -77,7 +77,10 @@ def test_mask_sources_get_the_low_rows_and_readers_their_rows(world, tmp_path):
     # ImageNet synsets joined rows by WordNet id only: their rows carry the wnids
     for w, r in zip(imagenet.wnids, vocab.rows_of("imagenet").tolist()):
         assert w in vocab.entries[r].wnids
-    assert len(wa.class_names) == len(set(vocab.rows_of("wa").tolist()))
+    # every class of the toy world has one row: the ADE-format scenes hold all of them, and the
+    # ImageNet synsets joined them through the toy world's alias file (its curated mapping)
+    assert len(vocab) == len(wa.class_names) == len(set(vocab.rows_of("wa").tolist()))
+    assert set(vocab.rows_of("imagenet").tolist()) <= set(vocab.rows_of("wa").tolist())
 
 
 def test_global_batch_sizes_divide_over_processes(world, tmp_path):

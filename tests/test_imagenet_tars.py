@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import read_tars
 from PIL import Image
 
 from larvess.data.imagenet_plan import Plan, assemble, find_sources
@@ -74,18 +75,6 @@ def _make_release(root: Path, seed: int = 0, n: int = 6, folders: tuple[str, ...
     return data
 
 
-def _read_tars(out: Path) -> dict[str, dict]:
-    samples: dict[str, dict] = {}
-    for t in sorted(out.glob("*.tar")):
-        with tarfile.open(t) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                s = samples.setdefault(key, {"shard": t.name})
-                assert s["shard"] == t.name, f"{key} in two shards"
-                s[ext] = tf.extractfile(m).read()
-    return samples
-
-
 def test_draft_decode_catches_mid_file_damage() -> None:
     rng = np.random.default_rng(5)
     for progressive in (False, True):
@@ -110,7 +99,7 @@ def test_release_tars_round_trip_and_skipped(tmp_path: Path) -> None:
     extra = {**data[w], **bad, "._n01443537_100.JPEG": b"AppleDouble"}
     _write_tar(root / f"{w}.tar", extra)
     info = write_shards(root, tmp_path / "out", shard_size=5, workers=2, progress=False)
-    samples = _read_tars(tmp_path / "out")
+    samples = read_tars(tmp_path / "out")
     want = {
         f"{x}.tar/{n}" if x != WNIDS[3] else f"{x}/{n}": b
         for x in WNIDS
@@ -143,7 +132,7 @@ def test_tar_and_folder_give_the_same_samples(tmp_path: Path) -> None:
     _make_release(tmp_path / "dirs", seed=3, folders=tuple(WNIDS))
     a = write_shards(tmp_path / "tars", tmp_path / "a", shard_size=7, seed=4, progress=False)
     b = write_shards(tmp_path / "dirs", tmp_path / "b", shard_size=7, seed=4, progress=False)
-    sa, sb = _read_tars(tmp_path / "a"), _read_tars(tmp_path / "b")
+    sa, sb = read_tars(tmp_path / "a"), read_tars(tmp_path / "b")
     assert list(sa) == list(sb)  # same keys in the same shards and order: the plan sorts names
     assert all(sa[k]["jpg"] == sb[k]["jpg"] and sa[k]["cls"] == sb[k]["cls"] for k in sa)
     assert a["shard_lengths"] == b["shard_lengths"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_fixtures import read_tars
 from PIL import Image
 
 from larvess.data.imagenet_shards import UnreadableImage, prepare_jpeg, read_synsets, write_shards
@@ -56,23 +57,10 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, byte
     return root, files, bad
 
 
-def _read_tars(out: Path) -> dict[str, dict]:
-    """Naive reader: key -> {ext: bytes, "shard": name} over every out/*.tar."""
-    samples: dict[str, dict] = {}
-    for t in sorted(out.glob("*.tar")):
-        with tarfile.open(t) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                s = samples.setdefault(key, {"shard": t.name})
-                assert s["shard"] == t.name, f"{key} in two shards"
-                s[ext] = tf.extractfile(m).read()
-    return samples
-
-
 def test_round_trip_and_odd_inputs(tree, tmp_path: Path) -> None:
     root, files, bad = tree
     info = write_shards(root, tmp_path, shard_size=4, seed=1, progress=False)
-    samples = _read_tars(tmp_path)
+    samples = read_tars(tmp_path)
     by_path = {json.loads(s["json"])["path"]: s for s in samples.values()}
     assert set(by_path) == set(files) - bad  # every readable input exactly once
     for key, s in samples.items():
@@ -130,7 +118,7 @@ def test_max_per_class_and_synset_list(tree, tmp_path: Path) -> None:
     a = write_shards(root, tmp_path / "a", read_synsets(lst), max_per_class=2, progress=False)
     b = write_shards(root, tmp_path / "b", read_synsets(lst), max_per_class=2, progress=False)
     c = write_shards(root, tmp_path / "c", read_synsets(lst), 1000, 1, 7, 2, progress=False)
-    sa, sb, sc = (_read_tars(tmp_path / d) for d in "abc")
+    sa, sb, sc = (read_tars(tmp_path / d) for d in "abc")
     assert sa == sb and a == b and a["missing_synsets"] == ["n00000009"]
     wn = [json.loads(s["json"])["wnid"] for s in sa.values()]
     assert sorted(wn) == ["n00000001"] * 2 + ["n00000003"] * 2  # n00000002 is not listed
@@ -230,7 +218,7 @@ def test_resume_rewrites_damaged_shards(tree, tmp_path: Path) -> None:
             tf.addfile(m, io.BytesIO(data))
     (out / ".imagenet-000003.tar.tmp-1").write_bytes(b"partial")
     write_shards(root, out, shard_size=4, progress=False)
-    assert _read_tars(out) == _read_tars(tmp_path / "ref")
+    assert read_tars(out) == read_tars(tmp_path / "ref")
     assert not (out / ".imagenet-000003.tar.tmp-1").exists()
 
 

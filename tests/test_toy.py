@@ -34,7 +34,7 @@ def test_same_seed_same_bytes_any_worker_count(world: Path, tmp_path: Path) -> N
     make_toy_world(tmp_path / "b", seed=3, workers=2, **SMALL)
     make_toy_world(tmp_path / "c", seed=4, workers=1, **SMALL)
     a, b, c = _digest(world), _digest(tmp_path / "b"), _digest(tmp_path / "c")
-    assert len(a) == 2 * 6 + 12 * 2 + 2 * 5 + 2 * 4 + 5  # images, masks, 5 metadata files
+    assert len(a) == 2 * 6 + 12 * 2 + 2 * 5 + 2 * 4 + 6  # images, masks, 6 metadata files
     assert a == b
     assert a.keys() == c.keys()
     jpgs = [k for k in a if k.endswith((".jpg", ".JPEG"))]
@@ -154,12 +154,12 @@ def test_project_readers_and_vocabulary_read_the_toy_world(world: Path, tmp_path
     ade_root = world / "ade" / "ADEChallengeData2016"
     lemmas = read_synset_lemmas(world / "imagenet_lemmas.txt")
     synsets = (world / "imagenet_synsets.txt").read_text().split()
-    vocab = Vocabulary()
+    vocab = Vocabulary(alias_file=world / "aliases.txt")  # the toy synsets' curated mapping
     r_coco = vocab.add_source(
         "coco", read_names_file(world / "coco_stuff" / "labels.txt"), None, True
     )
     r_ade = vocab.add_source("ade", read_names_file(ade_root / "objectInfo150.txt"))
-    r_in = vocab.add_source("in", [lemmas[w] for w in synsets], synsets)
+    r_in = vocab.add_source("in", [lemmas[w] for w in synsets], synsets, by_synset=True)
     assert len(vocab) == 24 and len(coco.class_names) == 12 and len(coco) == 6
     assert r_coco.tolist() == r_ade[:12].tolist() and r_in.tolist() == r_ade[12:].tolist()
     assert len(AdeTrain(ade_root, weak=True)) == 5 and len(AdeEval(world / "ade")) == 4

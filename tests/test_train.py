@@ -161,3 +161,22 @@ def test_nan_losses_are_skipped_then_abort(world, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "compute_losses", always_nan)
     with pytest.raises(engine.TooManyBadSteps, match="consecutive"):
         train.main(tiny(world, runs, "nan2", 10, "train.max_bad_steps=3", imagenet=False))
+
+
+def test_pc2_term_trains_on_a_second_view(world, tmp_path, monkeypatch):
+    import larvess.engine as engine
+
+    real, seen = engine.compute_losses, []
+
+    def recording(xs, mu, batches, sources, rows, ca, lo, views=None, margin_nearest=None):
+        terms = real(xs, mu, batches, sources, rows, ca, lo, views, margin_nearest)
+        seen.append(({k: float(v.detach()) for k, v in terms.items()}, views))
+        return terms
+
+    monkeypatch.setattr(engine, "compute_losses", recording)
+    built = train.main(tiny(world, tmp_path / "runs", "pc2", 2, "loss.pc2_weight=0.5",
+                            "loss.pc2_negatives=16", imagenet=False))  # fmt: skip
+    assert built["step"] == 2
+    terms, views = seen[-1]
+    assert terms["pc2/wa"] > 0 and "pc2/coco" not in terms  # image-labelled sources only
+    assert views[0] is None and views[1].shape[1] == 8  # the second view's embeddings [B,d,h,w]

@@ -127,8 +127,8 @@ def resolve_shards(root: str | Path, info: str | Path | None = None) -> tuple[di
     return meta, info_url, urls
 
 
-def _slot(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(global slot, number of slots) over (rank, dataloader worker)."""
+def _stream_of_process(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(global stream, number of streams) over (rank, dataloader worker)."""
     if rank is None or world_size is None:
         dist = torch.distributed
         ok = dist.is_available() and dist.is_initialized()
@@ -144,10 +144,10 @@ class ImageNetShards(IterableDataset):
     """Infinite resampled stream of {"image": float32 [3,H,W], "labels": LongTensor([row]), "key"}.
 
     root: shard folder, URL prefix or brace pattern (module docstring); info: where info.json is
-    (default: derived from root). Shards are split across the (rank, worker) slots first, then
-    resampled within each slot's subset, so different processes and workers see disjoint
-    samples. With fewer shards than slots every slot reads all shards and keeps sample i of a
-    shard where i % n_slots == slot.
+    (default: derived from root). Shards are split across the (rank, worker) streams first, then
+    resampled within each stream's subset, so different processes and workers see disjoint
+    samples. With fewer shards than streams every stream reads all shards and keeps sample i of a
+    shard where i % n_streams == stream.
     rows / set_rows: LongTensor [num_classes] cls -> vocabulary row (None = identity); samples
     whose row is negative (class not in the vocabulary) are dropped. transform(image PIL RGB,
     None, rng) -> (tensor [3,H,W], None); None = normalise at full size. Set `.seed` before
@@ -241,29 +241,29 @@ class ImageNetShards(IterableDataset):
     def num_corrupt(self) -> int:
         return int(self._corrupt.value)
 
-    def _samples(self, urls: Iterator[dict], keep: int | None, n_slots: int) -> Iterator[dict]:
+    def _samples(self, urls: Iterator[dict], keep: int | None, n_streams: int) -> Iterator[dict]:
         for u in urls:
             stream = wds.tarfile_samples([{"url": u["url"]}], handler=wds.warn_and_continue)
             for i, s in enumerate(stream):
-                if keep is None or i % n_slots == keep:
+                if keep is None or i % n_streams == keep:
                     yield s
 
     def __iter__(self) -> Iterator[dict]:
-        slot, n_slots = _slot(self.rank, self.world_size)
-        if len(self.urls) >= n_slots:
-            mine, keep = self.urls[slot::n_slots], None
+        stream, n_streams = _stream_of_process(self.rank, self.world_size)
+        if len(self.urls) >= n_streams:
+            mine, keep = self.urls[stream::n_streams], None
         else:
-            mine, keep = self.urls, slot
+            mine, keep = self.urls, stream
         shards = wds.ResampledShards(
-            mine, seed=self.seed, worker_seed=lambda: slot, deterministic=True
+            mine, seed=self.seed, worker_seed=lambda: stream, deterministic=True
         )
-        rng = np.random.default_rng([self.seed, slot])
+        rng = np.random.default_rng([self.seed, stream])
         shuffle = wds.shuffle(
             self.shuffle_buffer,
             min(100, self.shuffle_buffer),
             rng=random.Random(int(rng.integers(2**62))),
         )
-        for s in shuffle(self._samples(iter(shards), keep, n_slots)):
+        for s in shuffle(self._samples(iter(shards), keep, n_streams)):
             try:
                 c = int(s["cls"])
                 row = c if self.rows is None else int(self.rows[c])

@@ -9,7 +9,7 @@ phase, orientation, colour and noise keeps it from being pixel-colour separable.
 
 Layout under DIR (formats of DESIGN section 3):
     coco_stuff/{images,stuffthingmaps}/train2017, coco_stuff/labels.txt    base classes only
-    imagenet/<wnid>/*.JPEG, imagenet_synsets.txt, imagenet_lemmas.txt      novel, object-centric (over base
+    imagenet/<wnid>/*.JPEG, imagenet_synsets.txt, imagenet_lemmas.txt, aliases.txt      novel, object-centric (over base
                                                                             textures or clutter)
     ade/ADEChallengeData2016/{images,annotations}/{training,validation}, objectInfo150.txt
     toy_world.json                                                          manifest
@@ -271,6 +271,12 @@ def make_toy_world(
     )
     (out / "imagenet_synsets.txt").write_text("".join(f"{c.wnid}\n" for c in novel))
     (out / "imagenet_lemmas.txt").write_text("".join(f"{c.wnid}\t{c.name}\n" for c in novel))
+    # the toy world's curated mapping: an ImageNet synset joins a dataset class only through
+    # one (larvess/meta/wordnet_*.tsv for the real datasets, an alias file here)
+    (out / "aliases.txt").write_text(
+        "# toy synset | toy dataset class (vocab.alias_file)\n"
+        + "".join(f"{c.wnid} | {c.name}\n" for c in novel)
+    )
     ratio = pixels["ade_train"] / max(1.0, float(n_ade_train * size * size))
     lines = ["Idx\tRatio\tTrain\tVal\tName"]
     for k, c in enumerate(table):
