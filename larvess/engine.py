@@ -55,11 +55,17 @@ def source_shares(sources: list[SourceConfig], combine: str) -> list[float]:
     return [s.batch_size / total for s in sources]
 
 
-def to_local(rows: Tensor, labels: Tensor) -> Tensor:
-    """Vocabulary rows -> indices into ``rows`` (-1 stays -1): a source's own label space."""
-    lookup = torch.full((int(rows.max()) + 2,), -1, dtype=torch.long, device=labels.device)
-    lookup[rows.to(labels.device)] = torch.arange(len(rows), device=labels.device)
-    return torch.where(labels >= 0, lookup[labels.clamp(min=0, max=len(lookup) - 1)], labels)
+def local_index(rows: Tensor, num_classes: int) -> Tensor:
+    """LongTensor [num_classes + 1]: vocabulary row -> its index into ``rows`` (a source's own
+    label space), -1 for rows outside it; the last entry is -1, so label -1 maps to -1."""
+    index = torch.full((num_classes + 1,), -1, dtype=torch.long, device=rows.device)
+    index[rows] = torch.arange(len(rows), device=rows.device)
+    return index
+
+
+def to_local(index: Tensor, labels: Tensor) -> Tensor:
+    """Vocabulary rows (-1 = ignore) -> local ids (-1 stays -1) with a ``local_index``."""
+    return index[labels]
 
 
 def compute_losses(
@@ -84,12 +90,13 @@ def compute_losses(
     terms: dict[str, Tensor] = {}
     shares = source_shares(sources, lo.combine)
     views = views or [None] * len(sources)
+    own = lo.negatives == "source"
     for x, batch, src, rows, share, x2 in zip(xs, batches, sources, source_rows, shares, views):
-        own = lo.negatives == "source"
         mu_s = mu[rows] if own else mu  # gradients flow back to the gathered rows
+        index = local_index(rows, mu.shape[0]) if own else None
         if src.supervision == "mask":
             target = subsample_labels(batch["label"], lo.label_stride)
-            target = to_local(rows, target) if own else target
+            target = to_local(index, target) if own else target
             x_up = upsample_embeddings(x, target.shape[-2:])
             grid = x if lo.share_negatives else None
             seg = knn_sampled_ce(
@@ -100,7 +107,7 @@ def compute_losses(
             continue
         labels = batch["labels"]
         if src.cls_weight > 0:
-            local = [to_local(rows, L) for L in labels] if own else labels
+            local = [to_local(index, L) for L in labels] if own else labels
             cls = image_level_ce(x, local, mu_s, lo.scale, k=lo.cls_k, backend=lo.knn_backend)
             terms[f"cls/{src.name}"] = share * src.cls_weight * cls
         if src.ca_weight > 0 and ca is not None:

@@ -146,11 +146,11 @@ class Vocabulary:
         return torch.tensor(self._sources[source]["rows"], dtype=torch.long)
 
     def _keys(self, synonyms: list[str], wnids: list[str], by_synset: bool) -> list[str]:
-        keys = [] if by_synset else [normalize_name(s) for s in synonyms]
-        keys = [self._alias.get(k, k) for k in keys]
+        names = [normalize_name(s) for s in synonyms]
         if by_synset:  # a synset class reaches a name only through a hand-made alias group
-            keys = [self._alias[normalize_name(s)] for s in synonyms
-                    if normalize_name(s) in self._alias]  # fmt: skip
+            keys = [self._alias[k] for k in names if k in self._alias]
+        else:
+            keys = [self._alias.get(k, k) for k in names]
         keys += [self._alias[w] for w in wnids if w in self._alias]
         return list(dict.fromkeys(keys))
 

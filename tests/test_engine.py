@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from larvess.config import LossConfig, SourceConfig
-from larvess.engine import compute_losses, source_shares, to_local
+from larvess.engine import compute_losses, local_index, source_shares, to_local
 from larvess.losses import image_level_ce, margin_regularizer, nearest_rows
 
 S = 40.0
@@ -44,7 +44,8 @@ def test_source_shares():
 
 def test_to_local_maps_rows_into_the_source_label_space():
     rows = torch.tensor([7, 2, 9])
-    assert to_local(rows, torch.tensor([[9, -1], [7, 2]])).tolist() == [[2, -1], [0, 1]]
+    index = local_index(rows, 10)
+    assert to_local(index, torch.tensor([[9, -1], [7, 2]])).tolist() == [[2, -1], [0, 1]]
 
 
 @pytest.mark.parametrize("negatives", ["source", "all"])
@@ -62,7 +63,7 @@ def test_compute_losses_equals_the_terms_by_hand(negatives, combine):
     x = xs[0].permute(0, 2, 3, 1).reshape(-1, 6)
     y = batches[0]["label"].reshape(-1)
     keep = y >= 0
-    local = to_local(cand[0], y[keep])
+    local = to_local(local_index(cand[0], 30), y[keep])
     seg = F.cross_entropy(S * x[keep] @ mu[cand[0]].T, local)
     # image-level CE: pooled embedding against the source's rows, other labels excluded
     want_cls = 0.0
@@ -83,7 +84,7 @@ def test_compute_losses_equals_the_terms_by_hand(negatives, combine):
     assert touched[:10].any()
     assert touched[10:].any() == (negatives == "all")
     # image_level_ce itself agrees on local labels
-    local_labels = [to_local(cand[1], L) for L in batches[1]["labels"]]
+    local_labels = [to_local(local_index(cand[1], 30), L) for L in batches[1]["labels"]]
     got = image_level_ce(xs[1], local_labels, mu[cand[1]], S)
     assert torch.allclose(got, want_cls, atol=1e-5)
 
