@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from larvess.ca_classifier import CAClassifier
 from larvess.checkpoint import find_resume, load_model, read_state, run_dir_of
@@ -133,10 +134,13 @@ def build_ca(recipe: Recipe, num_classes: int) -> CAClassifier:
     )  # fmt: skip
 
 
-def param_groups(segmenter: Segmenter, table: ClassTable, o: OptimConfig) -> list[dict]:
+def param_groups(
+    segmenter: Segmenter, table: ClassTable, o: OptimConfig, logit_norm: nn.Module | None = None
+) -> list[dict]:
     """Optimiser groups: backbone (x backbone_lr_mult; LarvSeg 1, ESS 0.1), its 1-D / token
-    parameters without weight decay, the head, and the class table (x table_lr_mult, its own
-    momentum and poly power, never decayed: its rows are normalised anyway)."""
+    parameters without weight decay, the head (with LarvSeg's gamma / beta of ``logit_norm``,
+    undecayed), and the class table (x table_lr_mult, its own momentum and poly power, never
+    decayed: its rows are normalised anyway)."""
     decay, no_decay = [], []
     for name, p in segmenter.backbone.named_parameters():
         (no_decay if p.ndim <= 1 or "token" in name or "pos_embed" in name else decay).append(p)
@@ -150,16 +154,19 @@ def param_groups(segmenter: Segmenter, table: ClassTable, o: OptimConfig) -> lis
     ]  # fmt: skip
     if o.name == "sgd":
         groups[-1]["momentum"] = o.table_momentum
+    if logit_norm is not None:
+        params = list(logit_norm.parameters())
+        groups.append(dict(name="logit_norm", params=params, lr=o.lr, weight_decay=0.0))
     return groups
 
 
 def build_optimizer(
-    recipe: Recipe, segmenter: Segmenter, table: ClassTable
+    recipe: Recipe, segmenter: Segmenter, table: ClassTable, logit_norm: nn.Module | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """SGD (LarvSeg) or AdamW over ``param_groups``; poly decay per group to the same floor
     schedule.min_lr (LarvSeg: 1e-5 for every group), table with schedule.table_power."""
     o, sch = recipe.optim, recipe.schedule
-    groups = param_groups(segmenter, table, o)
+    groups = param_groups(segmenter, table, o, logit_norm)
     if o.name == "sgd":
         opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     else:

@@ -55,6 +55,9 @@ class LossConfig:
     margin: float = 0.2
     margin_weight: float = 1.0  # 0 disables L_r
     margin_refresh: int = 1  # steps between the O(C^2 d) nearest-row searches of L_r
+    # LarvSeg's logit standardisation in the pixel CE: each pixel's logits standardised over the
+    # candidate classes (the source's with negatives=source), then gamma * z + beta (learned)
+    logit_norm: bool = False
     cls_k: int | None = None  # image-level CE over target + k nearest; None = all classes
     ca_bank_size: int = 20  # M
     ca_topk: int = 20  # K

@@ -20,22 +20,32 @@ from larvess.ca_classifier import CAClassifier
 from larvess.checkpoint import save_checkpoint
 from larvess.config import LossConfig, SourceConfig, TrainConfig
 from larvess.data.transforms import photometric_view
-from larvess.losses import image_level_ce, knn_sampled_ce, margin_regularizer, nearest_rows
+from larvess.losses import (
+    LogitStandardizer,
+    image_level_ce,
+    knn_sampled_ce,
+    margin_regularizer,
+    nearest_rows,
+)
 from larvess.model import ClassTable, Segmenter, upsample_embeddings
 from larvess.pc2seg import pixel_contrastive_loss
 
 
 class Net(nn.Module):
-    """Segmenter + class table as one module, so DDP sees a single forward per step.
+    """Segmenter + class table (+ LarvSeg's logit standardiser, when used) as one module, so
+    DDP sees a single forward per step and syncs every trained parameter.
 
     DDP forbids two forwards before one backward; each source has its own crop size, so the
     per-source forwards happen inside this one call.
     """
 
-    def __init__(self, segmenter: Segmenter, table: ClassTable):
+    def __init__(
+        self, segmenter: Segmenter, table: ClassTable, logit_norm: LogitStandardizer | None = None
+    ):
         super().__init__()
         self.segmenter = segmenter
         self.table = table
+        self.logit_norm = logit_norm
 
     def forward(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """images: list of [B_i,3,H_i,W_i] -> (list of x [B_i,d,h_i,w_i], mu [C,d])."""
@@ -78,6 +88,7 @@ def compute_losses(
     lo: LossConfig,
     views: list[Tensor | None] | None = None,
     margin_nearest: Tensor | None = None,
+    logit_norm: LogitStandardizer | None = None,
 ) -> dict[str, Tensor]:
     """Weighted loss terms of one step; 'total' is their sum.
 
@@ -85,7 +96,8 @@ def compute_losses(
     source LongTensor of its vocabulary rows (negatives come from them with
     lo.negatives == "source", LarvSeg's ``cls_emb[cls_index]``); views: per source the second
     view's embeddings for the PC2 term (None where absent); margin_nearest: the nearest other
-    row of each row from a recent search (None = search now).
+    row of each row from a recent search (None = search now); logit_norm: LarvSeg's
+    standardisation of the pixel CE's logits (statistics over the candidate rows mu_s).
     """
     terms: dict[str, Tensor] = {}
     shares = source_shares(sources, lo.combine)
@@ -101,7 +113,7 @@ def compute_losses(
             grid = x if lo.share_negatives else None
             seg = knn_sampled_ce(
                 x_up, target, mu_s, lo.k, lo.scale, ignore_index=-1, grid=grid,
-                backend=lo.knn_backend,
+                backend=lo.knn_backend, logit_norm=logit_norm,
             )  # fmt: skip
             terms[f"seg/{src.name}"] = share * src.seg_weight * seg
             continue
@@ -168,9 +180,11 @@ def train(
     main = accelerator.is_main_process
     bar = tqdm(total=steps, initial=start_step, disable=not main, desc="train", unit="step")
     consecutive_bad, t_last, seen = 0, time.time(), 0
+    t_start, eta_at = time.time(), start_step + min(20, max(1, (steps - start_step) // 10))
     rows = [r.to(device) for r in source_rows]
     pc2 = [lo.pc2_weight > 0 and s.supervision == "image" for s in sources]
     nearest = None  # L_r's nearest rows, searched every lo.margin_refresh steps
+    logit_norm = accelerator.unwrap_model(net).logit_norm
     net.train()
     end = steps if tc.stop_after <= 0 else min(steps, start_step + tc.stop_after)
     for step in range(start_step, end):
@@ -195,7 +209,7 @@ def train(
                 views = [next(it).float() if on else None for on in pc2]
                 terms = compute_losses(
                     [x.float() for x in xs[: len(sources)]], mu.float(), batch_list, sources,
-                    rows, ca, lo, views, nearest,
+                    rows, ca, lo, views, nearest, logit_norm,
                 )  # fmt: skip
             # -- every process must agree to skip, or DDP's gradient all-reduce would hang
             if not _all_finite(accelerator, terms["total"]):
@@ -225,6 +239,10 @@ def train(
         scheduler.step()
         done = step + 1
         bar.update(1)
+        if main and done == eta_at and done < steps:  # one early line, for logs without the bar
+            per_step = (time.time() - t_start) / (done - start_step)
+            bar.write(f"step {done}/{steps}: {per_step:.2f} s/step, about "
+                      f"{per_step * (steps - done) / 60:.1f} min of training left")  # fmt: skip
         # -- logging (main process only)
         if main and (done % tc.log_every == 0 or done == steps):
             rate = seen * accelerator.num_processes / max(1e-9, time.time() - t_last)

@@ -172,3 +172,71 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(path, format="PNG")
+
+
+def results_grid(
+    samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    class_names: Sequence[str | Sequence[str]],
+    is_base: np.ndarray,
+    colours: np.ndarray | None = None,
+    alpha: float = 0.6,
+    ignore_index: int = -1,
+    pad: int = 4,
+    zoom: int = 2,
+) -> np.ndarray:
+    """One picture of a few results: a row per sample ``image | ground truth | prediction``,
+    column titles above and a legend below that lists base and novel classes apart.
+
+    Args:
+        samples: (image uint8 [H, W, 3], gt int [H, W], pred int [H, W]) per row; every image
+            is shown at the first one's size (nearest resampling keeps label maps exact).
+        class_names: display names (or vocabulary entries) of the evaluated classes.
+        is_base: bool [K]: classes with masks in training (False = novel, image-level only).
+        zoom: integer magnification of every cell (pixel repetition: label edges stay exact).
+    Returns uint8 [h, w, 3].
+    """
+    if not samples:
+        raise ValueError("results_grid needs at least one sample")
+    is_base = np.asarray(is_base, dtype=bool)
+    if len(is_base) != len(class_names):
+        raise ValueError(f"is_base has {len(is_base)} entries for {len(class_names)} classes")
+    colours = palette(len(class_names)) if colours is None else colours
+    H, W = samples[0][0].shape[:2]
+    white = np.full((pad, 3 * W * zoom + 4 * pad, 3), 255, np.uint8)
+    rows, maps = [_title_strip(["image", "ground truth", "prediction"], W * zoom, pad)], []
+    for image, gt, pred in samples:
+        gt, pred = _to_numpy(gt).astype(np.int64), _to_numpy(pred).astype(np.int64)
+        _check_pair(image, gt)
+        _check_pair(image, pred)
+        if image.shape[:2] != (H, W):
+            image = np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR))
+            gt, pred = (_resize_label(m, H, W) for m in (gt, pred))
+        maps += [gt, pred]
+        cells = [image] + [overlay(image, m, colours, alpha, ignore_index) for m in (gt, pred)]
+        cells = [c.repeat(zoom, axis=0).repeat(zoom, axis=1) for c in cells]
+        gap = np.full((H * zoom, pad, 3), 255, np.uint8)
+        rows += [np.concatenate([gap, *sum(([c, gap] for c in cells), [])], axis=1), white]
+    grid = np.concatenate(rows, axis=0)
+    ids = present_classes(*maps, ignore_index=ignore_index)
+    for base, what in ((True, "base (masks)"), (False, "novel (image-level labels only)")):
+        group = [c for c in ids if is_base[c] == base]
+        if group:
+            grid = np.concatenate([grid, _title_strip([what], grid.shape[1], pad, left=True)])
+            grid = np.concatenate([grid, legend(group, class_names, colours, grid.shape[1])])
+    return grid
+
+
+def _resize_label(label: np.ndarray, h: int, w: int) -> np.ndarray:
+    ri = np.minimum((np.arange(h) + 0.5) * label.shape[0] / h, label.shape[0] - 1).astype(int)
+    ci = np.minimum((np.arange(w) + 0.5) * label.shape[1] / w, label.shape[1] - 1).astype(int)
+    return label[ri][:, ci]
+
+
+def _title_strip(titles: Sequence[str], cell_w: int, pad: int, left: bool = False) -> np.ndarray:
+    """White uint8 [h, len(titles) * (cell_w + pad) + pad, 3] with one title per column."""
+    width = cell_w if left else len(titles) * (cell_w + pad) + pad
+    panel = Image.new("RGB", (width, 14 + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    for i, text in enumerate(titles):
+        draw.text((pad + i * (cell_w + pad), pad // 2 + 1), text, fill=(0, 0, 0))
+    return np.asarray(panel, dtype=np.uint8)

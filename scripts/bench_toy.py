@@ -1,15 +1,15 @@
-"""Toy-world ablation: what each part of the method buys, over seeds, at the same step budget.
+"""Toy-world ablation: what each part of the method buys, over world seeds, at the demo's budget.
 
-    python scripts/bench_toy.py                       # 4 variants x 3 seeds; writes docs/results.md
-    python scripts/bench_toy.py --seeds 0 --steps 50  # a quick look
+    python scripts/bench_toy.py                        # every variant x seeds 0-2; docs/results.md
+    python scripts/bench_toy.py --seeds 0 --variants method all_masks --steps 100   # a quick look
 
-Variants (overrides on recipes/toy.yaml; every run gets the same number of optimiser steps):
-    masks_only    COCO-format masks of the base classes only (novel classes never supervised)
-    image_ce      + image-level CE on the ImageNet-format and WA-format sources
-    ca            + the CA-Classifier (the full method; the toy recipe as shipped, k = 8)
-    full_softmax  the full method with k = C - 1: kNN-sampled CE becomes full-softmax CE
-Each run trains with scripts/train.py and is scored with scripts/eval_ade.py on the toy ADE
-validation set. Prints a table, writes bench_out/toy/bench_toy.json and docs/results.md.
+Each seed S gets its own toy world (bench_out/toy/world_sS, made once) and training seed S. Every
+run trains recipes/toy.yaml plus the variant's overrides (VARIANTS; WHAT says what each is) for
+the same number of optimiser steps, by default the recipe's own (the demo's), with
+scripts/train.py, and is scored with scripts/eval_ade.py on the world's ADE validation set with
+the world's novel classes as the novel split. Resumable: finished runs are kept in
+bench_out/toy/bench_toy.json. Prints a table, writes docs/results.md, docs/results_chart.png and
+docs/bench_toy.json.
 """
 
 from __future__ import annotations
@@ -23,16 +23,59 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from larvess.config import load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "recipes/toy.yaml"
+# the toy recipe's per-source settings, for variants that replace the source list
+_JITTER = "crop_size: 128, scale_range: [0.8, 1.25], photometric: false, num_workers: 1"
+_COCO = f"{{name: coco, kind: coco_stuff, root: x, batch_size: 16, {_JITTER}}}"
+_ADE = f"{{name: ade, kind: ade150, root: x, batch_size: 16, {_JITTER}}}"
 VARIANTS = {
-    "masks_only": [
-        "data=[{name: coco, kind: coco_stuff, root: x, batch_size: 16, crop_size: 128}]"
-    ],
+    "masks_only": [f"data=[{_COCO}]"],
+    "all_masks": [f"data=[{_COCO}, {_ADE}]"],
     "image_ce": ["data.imagenet.ca_weight=0", "data.wa.ca_weight=0"],
-    "ca": [],
+    "method": [],
+    "negatives_source": ["loss.negatives=source"],
+    "batch_mean": ["loss.combine=batch_mean"],
+    "pc2": ["loss.pc2_weight=0.1"],
     "full_softmax": ["loss.k=23"],
 }
+WHAT = {
+    "masks_only": "COCO-format masks of the base classes only (novel classes never supervised)",
+    "all_masks": "the upper bound: base masks plus the ADE-format training masks of all 24 "
+    "classes (novel classes get masks too), 16 + 16 images a step",
+    "image_ce": "`method` without the CA-Classifier: image-level CE only on the image sources",
+    "method": "the full method, `recipes/toy.yaml` as shipped (what `make demo` runs)",
+    "negatives_source": "`method` with each source scored against its own classes only "
+    "(LarvSeg's `cls_emb[cls_index]`, the real recipes' default)",
+    "batch_mean": "`method` with the sources weighted by their batch share (LarvSeg's DDP "
+    "average) instead of summed",
+    "pc2": "`method` plus the PC2Seg pixel-contrastive term (weight 0.1) on the image sources",
+    "full_softmax": "`method` with k = 23 = C - 1: the kNN-sampled CE becomes full-softmax CE",
+}
 METRICS = ("mIoU", "base_mIoU", "novel_mIoU")
+
+
+def make_world(seed: int, out: Path) -> Path:
+    """The toy world of `seed` with its shards (made once, kept under `out`)."""
+    world = out / f"world_s{seed}"
+    py = sys.executable
+    if not (world / "toy_world.json").is_file():
+        cmd = [py, "-m", "larvess.data.toy", "--out", str(world), "--seed", str(seed)]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    if not (world / "shards" / "info.json").is_file():
+        subprocess.run(
+            [py, "scripts/shard_imagenet21k.py", "--root", str(world / "imagenet"), "--out",
+             str(world / "shards"), "--synsets", str(world / "imagenet_synsets.txt"),
+             "--shard-size", "200", "--workers", "2", "--seed", str(seed)],
+            cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    novel = world / "novel.txt"  # one split for every variant, all_masks included
+    novel.write_text("\n".join(json.loads((world / "toy_world.json").read_text())["novel"]) + "\n")
+    return world
 
 
 def run_variant(variant: str, seed: int, steps: int, world: Path, out: Path) -> dict:
@@ -43,7 +86,6 @@ def run_variant(variant: str, seed: int, steps: int, world: Path, out: Path) -> 
         f"train.seed={seed}",
         "train.resume=never",
         f"schedule.steps={steps}",
-        f"schedule.warmup_steps={min(50, steps - 1)}",
         f"train.ckpt_every={steps}",
         f"data.coco.root={world / 'coco_stuff'}",
     ]
@@ -51,6 +93,8 @@ def run_variant(variant: str, seed: int, steps: int, world: Path, out: Path) -> 
         overrides.append(
             f"vocab.extra_names=[{world / 'ade' / 'ADEChallengeData2016' / 'objectInfo150.txt'}]"
         )
+    elif variant == "all_masks":
+        overrides.append(f"data.ade.root={world / 'ade'}")
     else:
         overrides += [
             f"data.imagenet.root={world / 'shards'}",
@@ -60,17 +104,21 @@ def run_variant(variant: str, seed: int, steps: int, world: Path, out: Path) -> 
         ]
     py = sys.executable
     t0 = time.time()
-    subprocess.run([py, "scripts/train.py", "recipes/toy.yaml", *overrides], cwd=ROOT, check=True,
+    subprocess.run([py, "scripts/train.py", RECIPE, *overrides], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
     train_s = time.time() - t0
-    ev = out / "runs" / name / "eval_ade150"
+    run = out / "runs" / name
+    ev = run / "eval_ade150"
     subprocess.run(
-        [py, "scripts/eval_ade.py", "--checkpoint", str(out / "runs" / name), "--dataset",
-         "ade150", "--root", str(world / "ade"), "--out", str(ev)],
+        [py, "scripts/eval_ade.py", "--checkpoint", str(run), "--dataset", "ade150", "--root",
+         str(world / "ade"), "--novel", str(world / "novel.txt"), "--out", str(ev)],
         cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     summary = json.loads((ev / "results.json").read_text())["summary"]
-    row = {"variant": variant, "seed": seed, "steps": steps, "train_s": round(train_s, 1)}
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    images = steps * sum(s["batch_size"] for s in recipe["data"])
+    row = {"variant": variant, "seed": seed, "steps": steps, "train_s": round(train_s, 1),
+           "images_per_s": round(images / train_s, 1)}  # fmt: skip
     row.update({m: summary[m] for m in METRICS})
     row.update({m + "_d2": summary[m + "_d2"] for m in METRICS})
     return row
@@ -86,62 +134,102 @@ def mean_sd(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| variant | all mIoU | base mIoU | novel mIoU | train s/run | runs |",
-        "|---|---|---|---|---|---|",
+        "| variant | all mIoU | base mIoU | novel mIoU | novel / all_masks | train s | img/s | runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    bound = mean(rows, "all_masks", "novel_mIoU")
     for v in VARIANTS:
         rs = [r for r in rows if r["variant"] == v]
         if rs:
             cells = [mean_sd([r[m] for r in rs]) for m in METRICS]
+            frac = mean(rows, v, "novel_mIoU") / bound if bound > 0 else math.nan
             t = statistics.mean(r["train_s"] for r in rs)
-            lines.append(f"| {v} | " + " | ".join(cells) + f" | {t:.0f} | {len(rs)} |")
+            ips = statistics.mean(r["images_per_s"] for r in rs)
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {frac:.2f} | {t:.0f} | {ips:.0f} "
+                         f"| {len(rs)} |")  # fmt: skip
     return "\n".join(lines)
 
 
+def mean(rows: list[dict], variant: str, metric: str) -> float:
+    vals = [r[metric] for r in rows if r["variant"] == variant and r[metric] is not None]
+    return statistics.mean(vals) if vals else math.nan
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    """Grouped bars: base and novel mIoU per variant, mean with the seeds' standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for j, (metric, label) in enumerate((("base_mIoU", "base"), ("novel_mIoU", "novel"))):
+        vals = [[r[metric] for r in rows if r["variant"] == v] for v in names]
+        sds = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in vals]
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(names))]
+        ax.bar(xs, [statistics.mean(x) for x in vals], 0.38, yerr=sds, capsize=3, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("mIoU (%)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_doc(rows: list[dict], path: Path, steps: int) -> None:
-    """docs/results.md: the setup, the table and the differences that matter, from `rows`."""
-
-    def mean(v: str, m: str) -> float:
-        vals = [r[m] for r in rows if r["variant"] == v and r[m] is not None]
-        return statistics.mean(vals) if vals else math.nan
-
+    """docs/results.md: the setup, the table, the chart and the differences, from `rows`."""
     seeds = sorted({r["seed"] for r in rows})
     diffs = []
     for a, b, what in [
         ("image_ce", "masks_only", "image-level CE over masks only"),
-        ("ca", "image_ce", "CA-Classifier over image-level CE alone"),
-        ("ca", "full_softmax", "kNN-sampled CE (k = 8) over full-softmax CE"),
+        ("method", "image_ce", "CA-Classifier over image-level CE alone"),
+        ("negatives_source", "method", "per-source negatives over negatives from all rows"),
+        ("batch_mean", "method", "batch-share weighting over the sum of source losses"),
+        ("pc2", "method", "PC2Seg term over none"),
+        ("method", "full_softmax", "kNN-sampled CE (k = 8) over full-softmax CE"),
+        ("all_masks", "method", "masks for every class (upper bound) over the method"),
     ]:
-        d_novel, d_base = (
-            mean(a, "novel_mIoU") - mean(b, "novel_mIoU"),
-            mean(a, "base_mIoU") - mean(b, "base_mIoU"),
-        )
+        d_novel = mean(rows, a, "novel_mIoU") - mean(rows, b, "novel_mIoU")
+        d_base = mean(rows, a, "base_mIoU") - mean(rows, b, "base_mIoU")
         if not math.isnan(d_novel):
             diffs.append(
                 f"- {what}: novel {d_novel:+.1f}, base {d_base:+.1f} mIoU points (mean over seeds)"
             )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chart(rows, path.parent / "results_chart.png")
+    variants = "\n".join(f"- `{v}`: {WHAT[v]}" for v in VARIANTS)
+    grid = path.parent / "demo_grid.png"
+    grid_text = (
+        "\nValidation images from the demo run (`make demo`, world seed 0): image, ground truth, "
+        "prediction; the legend lists base and novel classes apart:\n\n![demo results](demo_grid.png)\n"
+        if grid.is_file()
+        else ""
+    )
     doc = f"""# Results on the toy world
 
-Generated by `scripts/bench_toy.py` (do not edit by hand). Toy world: `python -m larvess.data.toy`
-with its defaults (24 procedural texture classes, 12 base with COCO-Stuff-format masks, 12 novel
-seen only in ImageNet-format object images and ADE-format scenes with image-level labels; 128 px).
-Every run: `recipes/toy.yaml` (6-block ViT, dim 192, from scratch; d = 32; AdamW 5e-4) for
-{steps} optimiser steps on this 2-core CPU (the demo trains 1000; the ablation uses one shorter
-budget for all 12 runs so they fit in a session), seeds {seeds}; scored by `scripts/eval_ade.py` on the
-200 toy ADE-format validation images (masks for all 24 classes). mIoU in %, mmseg convention,
-mean ± standard deviation over seeds. Nothing was tuned on the validation set beyond what the
-recipe states.
+Generated by `scripts/bench_toy.py` (do not edit by hand). Toy world: `python -m larvess.data.toy
+--seed S` (24 procedural texture classes, 12 base with COCO-Stuff-format masks, 12 novel seen only
+in ImageNet-format object images and ADE-format scenes with image-level labels; 128 px), one world
+per seed S in {seeds}, training seed S. Every run: `{RECIPE}` plus the variant's overrides for
+{steps} optimiser steps (the demo's own budget) on this 2-core CPU; scored by
+`scripts/eval_ade.py --novel` on the world's 200 ADE-format validation images (masks for all 24
+classes; the same 12 novel classes for every variant). mIoU in %, mmseg convention, mean ±
+standard deviation over seeds; `novel / all_masks` is the variant's novel mIoU as a fraction of
+the all-masks upper bound's. Training seconds include process start; img/s = images seen / that
+time.
 
 {table(rows)}
 
-Variants: `masks_only` trains on the base-class masks alone (novel classes are never supervised,
-so their IoU is ~0 by construction); `image_ce` adds the LarvSeg image-level CE (weight 0.5) on
-both image-labelled sources; `ca` adds the CA-Classifier (weight 0.5) and is the shipped recipe;
-`full_softmax` is `ca` with k = 23 = C - 1, where the kNN-sampled CE equals full-softmax CE.
+![base and novel mIoU per variant](results_chart.png)
+
+Variants:
+{variants}
 
 What the differences are:
 {chr(10).join(diffs)}
-
+{grid_text}
 Loss memory against the number of classes (`scripts/bench_loss.py`, the analogue of ESS Fig. 1;
 the kNN-sampled loss stays flat where full softmax grows with C):
 
@@ -150,41 +238,38 @@ the kNN-sampled loss stays flat where full softmax grows with C):
 Per-run figures (seconds of training, every mIoU under both conventions): `bench_toy.json` beside
 this file.
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(doc)
     (path.parent / "bench_toy.json").write_text(json.dumps(rows, indent=1))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--world", type=Path, default=ROOT / "toy_world")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="world + train seeds")
+    ap.add_argument("--steps", type=int, default=None, help="default: the recipe's (the demo's)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "toy")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     args = ap.parse_args(argv)
-    if not (args.world / "shards" / "info.json").is_file():
-        sys.exit(
-            f"{args.world}: no toy world with shards; run `make demo` (or scripts/demo.py) first"
-        )
+    steps = args.steps or load_recipe(ROOT / RECIPE).schedule.steps
     args.out.mkdir(parents=True, exist_ok=True)
     result_file = args.out / "bench_toy.json"
     rows = json.loads(result_file.read_text()) if result_file.is_file() else []
-    for seed in args.seeds:
-        for v in args.variants:
-            if any(
-                r["variant"] == v and r["seed"] == seed and r["steps"] == args.steps for r in rows
-            ):
-                continue  # resumable: finished runs are kept
-            print(f"{v} seed {seed} ...", flush=True)
-            rows.append(run_variant(v, seed, args.steps, args.world, args.out))
-            result_file.write_text(json.dumps(rows, indent=1))
-            # the document always shows every finished run, even if the grid is cut short
-            done = [r for r in rows if r["steps"] == args.steps and r["seed"] in args.seeds]
-            write_doc(done, args.doc, args.steps)
-    rows = [r for r in rows if r["steps"] == args.steps and r["seed"] in args.seeds]
-    write_doc(rows, args.doc, args.steps)
+    todo = [(s, v) for s in args.seeds for v in args.variants]
+    for n, (seed, v) in enumerate(todo, 1):
+        if any(r["variant"] == v and r["seed"] == seed and r["steps"] == steps for r in rows):
+            continue  # resumable: finished runs are kept
+        print(f"[{n}/{len(todo)}] {v} seed {seed} ...", flush=True)
+        world = make_world(seed, args.out)
+        rows.append(run_variant(v, seed, steps, world, args.out))
+        r = rows[-1]
+        print(f"  base {r['base_mIoU']:.1f} novel {r['novel_mIoU']:.1f}, train {r['train_s']:.0f} s"
+              f" ({r['images_per_s']:.0f} img/s)", flush=True)  # fmt: skip
+        result_file.write_text(json.dumps(rows, indent=1))
+        # the document always shows every finished run, even if the grid is cut short
+        done = [r for r in rows if r["steps"] == steps and r["seed"] in args.seeds]
+        write_doc(done, args.doc, steps)
+    rows = [r for r in rows if r["steps"] == steps and r["seed"] in args.seeds]
+    write_doc(rows, args.doc, steps)
     print(table(rows))
     print(f"wrote {result_file} and {args.doc}")
     return rows

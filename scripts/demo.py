@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_WORLD = ["--coco", "48", "--imagenet-per-class", "4", "--ade-train", "48", "--ade-val", "8"]
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="override schedule.steps")
     ap.add_argument("--quick", action="store_true", help="tiny world, 6 steps: a smoke run")
+    ap.add_argument(
+        "--docs", type=Path, default=None, help="also copy the grid to DOCS/demo_grid.png"
+    )
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value recipe overrides")
     args = ap.parse_args(argv)
     py = sys.executable
@@ -99,9 +105,19 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     print(f"{'mIoU':8}" + "".join(f"{c:>16}" for c in cells))
     print(f"pAcc {summary['pAcc']:.1f}  mAcc {summary['mAcc']:.1f}  fwIoU {summary['fwIoU']:.1f}")
-    print(f"overlays: {out / 'vis'}   TensorBoard logs: {run_dir / 'tb'}   model: {run_dir}")
-    print("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    return {"summary": summary, "times": times}
+    print(f"picture: {out / 'grid.png'}   overlays: {out / 'vis'}")
+    print(f"TensorBoard logs: {run_dir / 'tb'}   model: {run_dir}")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    images = recipe["schedule"]["steps"] * sum(s["batch_size"] for s in recipe["data"])
+    total = sum(times.values())
+    print("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+          + f"; total {total:.0f} ({total / 60:.1f} min); training {images} images at "
+          f"{images / times['train']:.0f} img/s")  # fmt: skip
+    if args.docs is not None and (out / "grid.png").is_file():
+        args.docs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "grid.png", args.docs / "demo_grid.png")
+        print(f"copied the picture to {args.docs / 'demo_grid.png'}")
+    return {"summary": summary, "times": times, "images_per_s": images / times["train"]}
 
 
 if __name__ == "__main__":

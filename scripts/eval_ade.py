@@ -28,7 +28,7 @@ from larvess.data.ade import AdeEval
 from larvess.inference import slide_inference
 from larvess.meta import NOVEL_LARVSEG
 from larvess.metrics import SegMetrics, format_summary, write_per_class_csv, write_results_json
-from larvess.viz import composite, save_png
+from larvess.viz import composite, results_grid, save_png
 from larvess.vocab import normalize_name
 
 
@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--names", default=None, help="class names file (required for ade847)")
     ap.add_argument("--split", default="validation")
     ap.add_argument("--save-vis", type=int, default=0, metavar="N", help="overlays for N images")
+    ap.add_argument(
+        "--grid",
+        type=int,
+        default=0,
+        metavar="N",
+        help="OUT/grid.png: the first N images showing a novel class (image | truth | prediction)",
+    )
     ap.add_argument("--out", default=None, help="output folder (default: beside the model)")
     ap.add_argument(
         "--novel",
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else pred.path.parent / f"eval_{args.dataset}"
     out.mkdir(parents=True, exist_ok=True)
     metrics = SegMetrics(len(pred.rows), ignore_index=-1)
+    shown = []  # (image, truth, prediction) for the grid
     n = len(data) if args.limit <= 0 else min(args.limit, len(data))
     for i in tqdm(range(n), desc=f"eval {args.dataset}", unit="img"):
         sample = data[i]
@@ -81,8 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
         if i < args.save_vis:
             panel = composite(sample["image"], labels, sample["label"], data.class_names)
             save_png(panel, out / "vis" / f"{sample['key']}.png")
+        truth = sample["label"]
+        if len(shown) < args.grid and (~is_base[np.unique(truth[truth >= 0])]).any():
+            shown.append((sample["image"], truth, labels))
 
     results = metrics.compute(base=is_base, novel=~is_base)
+    if shown:
+        save_png(results_grid(shown, data.class_names, is_base), out / "grid.png")
     write_results_json(out / "results.json", results, data.class_names)
     write_per_class_csv(out / "per_class.csv", results, data.class_names)
     line = format_summary(results, prefix=f"{args.dataset} ({n} images, step {pred.step}):")
@@ -90,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"wrote {out / 'results.json'}, {out / 'per_class.csv'}"
         + (f", {min(n, args.save_vis)} overlays in {out / 'vis'}" if args.save_vis else "")
+        + (f", {out / 'grid.png'} ({len(shown)} images)" if shown else "")
     )
     meta = {"checkpoint": str(pred.path), "dataset": args.dataset, "images": n,
             "base_classes": int(is_base.sum()), "novel_classes": int((~is_base).sum()),

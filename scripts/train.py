@@ -23,6 +23,7 @@ from larvess import build
 from larvess.checkpoint import export_model
 from larvess.config import dump_recipe, load_recipe
 from larvess.engine import Net, train
+from larvess.losses import LogitStandardizer
 
 
 def git_commit() -> str:
@@ -66,8 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     source_rows = [vocab.rows_of(s.name) for s in recipe.data]
     segmenter, table, model_args = build.build_model(recipe, len(vocab))
     ca = build.build_ca(recipe, len(vocab))
-    net = Net(segmenter, table)
-    optimizer, scheduler = build.build_optimizer(recipe, segmenter, table)
+    logit_norm = LogitStandardizer() if recipe.loss.logit_norm else None
+    net = Net(segmenter, table, logit_norm)
+    optimizer, scheduler = build.build_optimizer(recipe, segmenter, table, logit_norm)
     # batches are not prepared: the readers split by rank themselves (accelerate would split the
     # node-split streams again); the scheduler is stepped by hand (a prepared one steps
     # num_processes times per step)

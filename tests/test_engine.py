@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from larvess.config import LossConfig, SourceConfig
+from larvess.build import param_groups
+from larvess.config import LossConfig, OptimConfig, SourceConfig
 from larvess.engine import compute_losses, local_index, source_shares, to_local
-from larvess.losses import image_level_ce, margin_regularizer, nearest_rows
+from larvess.losses import LogitStandardizer, image_level_ce, margin_regularizer, nearest_rows
+from larvess.model import ClassTable, Segmenter
 
 S = 40.0
 
@@ -98,3 +100,36 @@ def test_margin_with_cached_neighbours_equals_a_fresh_search():
     stale = torch.roll(nearest_rows(mu), 1)
     naive = F.relu(0.8 - (mu - mu[stale]).norm(dim=1)).mean()
     assert torch.allclose(margin_regularizer(mu, 0.8, nearest=stale), naive)
+
+
+def test_logit_norm_standardises_the_pixel_logits_over_the_source_rows():
+    """LarvSeg's _mask_norm: each pixel's logits over its source's classes standardised
+    (population variance), then gamma * z + beta; the CE follows, written out by hand here."""
+    mu, xs, batches, sources, rows = setup()
+    norm = LogitStandardizer()
+    with torch.no_grad():
+        norm.gamma.fill_(3.0)
+        norm.beta.fill_(0.5)
+    lo = LossConfig(k=40, cls_k=None, margin_weight=0.0, negatives="source", combine="sum")
+    got = compute_losses(xs, mu, batches, sources, rows, None, lo, logit_norm=norm)["seg/coco"]
+    x = xs[0].permute(0, 2, 3, 1).reshape(-1, 6)
+    y = batches[0]["label"].reshape(-1)
+    keep = y >= 0
+    z = S * x[keep] @ mu[rows[0]].T
+    z = (z - z.mean(dim=1, keepdim=True)) / torch.sqrt(z.var(dim=1, unbiased=False)[:, None] + 1e-5)
+    want = F.cross_entropy(3.0 * z + 0.5, y[keep])  # COCO rows 0..9 are their own local ids
+    assert torch.allclose(got, want, atol=1e-4)
+    got.backward()
+    assert norm.gamma.grad is not None and norm.gamma.grad.abs() > 0
+
+
+def test_logit_norm_parameters_are_trained_without_decay():
+    seg = Segmenter("vit_tiny_patch16_224", dim=8, img_size=32,
+                    backbone_kwargs=dict(depth=1, embed_dim=48, num_heads=3))  # fmt: skip
+    norm = LogitStandardizer()
+    groups = param_groups(seg, ClassTable(5, 8), OptimConfig(weight_decay=0.05), norm)
+    (group,) = [g for g in groups if g["name"] == "logit_norm"]
+    assert group["weight_decay"] == 0.0 and len(group["params"]) == 2
+    assert all(
+        g["name"] != "logit_norm" for g in param_groups(seg, ClassTable(5, 8), OptimConfig())
+    )
