@@ -30,9 +30,9 @@ from larvess.config import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/toy.yaml"
 # the toy recipe's per-source settings, for variants that replace the source list
-_JITTER = "crop_size: 128, scale_range: [0.8, 1.25], photometric: false, num_workers: 1"
-_COCO = f"{{name: coco, kind: coco_stuff, root: x, batch_size: 16, {_JITTER}}}"
-_ADE = f"{{name: ade, kind: ade150, root: x, batch_size: 16, {_JITTER}}}"
+_JITTER = "crop_size: 96, scale_range: [0.8, 1.25], photometric: false"
+_COCO = f"{{name: coco, kind: coco_stuff, root: x, batch_size: 8, num_workers: 1, {_JITTER}}}"
+_ADE = f"{{name: ade, kind: ade150, root: x, batch_size: 8, num_workers: 0, {_JITTER}}}"
 VARIANTS = {
     "masks_only": [f"data=[{_COCO}]"],
     "all_masks": [f"data=[{_COCO}, {_ADE}]"],
@@ -46,7 +46,7 @@ VARIANTS = {
 WHAT = {
     "masks_only": "COCO-format masks of the base classes only (novel classes never supervised)",
     "all_masks": "the upper bound: base masks plus the ADE-format training masks of all 24 "
-    "classes (novel classes get masks too), 16 + 16 images a step",
+    "classes (novel classes get masks too), 8 + 8 images a step (the method: 8 + 4 + 4)",
     "image_ce": "`method` without the CA-Classifier: image-level CE only on the image sources",
     "method": "the full method, `recipes/toy.yaml` as shipped (what `make demo` runs)",
     "negatives_source": "`method` with each source scored against its own classes only "

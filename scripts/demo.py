@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = run_dir / "eval_ade150"
     times["eval"] = run(
         [py, "scripts/eval_ade.py", "--checkpoint", str(run_dir), "--dataset", "ade150",
-         "--root", str(world / "ade"), "--save-vis", "8", "--out", str(out)],
+         "--root", str(world / "ade"), "--save-vis", "8", "--grid", "4", "--out", str(out)],
         "evaluate on the toy ADE-format validation set",
     )  # fmt: skip
 

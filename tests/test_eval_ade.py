@@ -173,6 +173,22 @@ def test_eval_ade150(model, ade150, tmp_path):
     check_outputs(out, pairs, ADE150_NAMES, ["ADE_val_00000000", "ADE_val_00000001"])
 
 
+def test_eval_grid_shows_the_images_with_a_novel_class(model, ade150, tmp_path):
+    root, pairs = ade150
+    truth = pairs[1][1]
+    novel = int(truth[truth >= 0][0])  # a class of the second image
+    (tmp_path / "novel.txt").write_text(ADE150_NAMES[novel] + "\n")
+    shown = [i for i, (_, t) in enumerate(pairs) if (t == novel).any()]
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)]
+    eval_ade.main(args + ["--out", str(out), "--grid", "8", "--novel", str(tmp_path / "novel.txt")]
+                  + CLI)  # fmt: skip
+    grid = read_array(out / "grid.png")
+    h, w = pairs[shown[0]][1].shape
+    assert grid.shape[1] == 3 * 2 * w + 16  # image | truth | prediction, magnified 2x
+    assert grid.shape[0] > len(shown) * 2 * h
+
+
 def test_eval_ade847(model, ade847, tmp_path):
     root, pairs = ade847
     out = tmp_path / "out"

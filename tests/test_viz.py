@@ -3,7 +3,15 @@ import pytest
 import torch
 from PIL import Image
 
-from larvess.viz import composite, legend, overlay, palette, present_classes, save_png
+from larvess.viz import (
+    composite,
+    legend,
+    overlay,
+    palette,
+    present_classes,
+    results_grid,
+    save_png,
+)
 
 
 def make_case(h=20, w=30, k=5, seed=0):
@@ -78,3 +86,27 @@ def test_composite_layout_and_png(tmp_path):
     expected = legend([top], names, palette(5), width=3 * w)
     assert np.array_equal(capped[h:], expected)
     assert capped.shape[0] < out.shape[0]
+
+
+def test_results_grid_rows_cells_and_the_base_novel_legends():
+    rng = np.random.default_rng(0)
+    names = ["sky", "road", "zebra", "kite"]
+    is_base = np.array([True, True, False, False])
+    H, W, zoom, pad = 10, 12, 2, 4
+    image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    gt = np.zeros((H, W), np.int64)
+    gt[:, 6:] = 2  # a novel class in the truth
+    pred = np.ones((H, W), np.int64)
+    base_only = results_grid([(image, gt * 0, pred)], names, is_base, zoom=zoom, pad=pad)
+    both = results_grid([(image, gt, pred)] * 2, names, is_base, zoom=zoom, pad=pad)
+    assert base_only.shape[1] == both.shape[1] == 3 * W * zoom + 4 * pad
+    # the first cell of the first row is the image itself, magnified by repetition
+    top = 14 + pad  # the column-title strip
+    cell = both[top : top + H * zoom, pad : pad + W * zoom]
+    assert np.array_equal(cell, image.repeat(zoom, 0).repeat(zoom, 1))
+    # a second sample and a novel legend group make the picture taller
+    assert both.shape[0] > base_only.shape[0] + H * zoom
+    with pytest.raises(ValueError, match="is_base"):
+        results_grid([(image, gt, pred)], names, is_base[:3])
+    with pytest.raises(ValueError, match="at least one"):
+        results_grid([], names, is_base)
