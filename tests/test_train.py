@@ -168,8 +168,8 @@ def test_pc2_term_trains_on_a_second_view(world, tmp_path, monkeypatch):
 
     real, seen = engine.compute_losses, []
 
-    def recording(xs, mu, batches, sources, rows, ca, lo, views=None, margin_nearest=None):
-        terms = real(xs, mu, batches, sources, rows, ca, lo, views, margin_nearest)
+    def recording(xs, mu, batches, sources, rows, ca, lo, views=None, *rest):
+        terms = real(xs, mu, batches, sources, rows, ca, lo, views, *rest)
         seen.append(({k: float(v.detach()) for k, v in terms.items()}, views))
         return terms
 
