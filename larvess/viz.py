@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from larvess.data.transforms import nearest_index
+
 # Generalised golden ratio for 3-D (the "plastic" constant): i * (1/g, 1/g^2, 1/g^3) mod 1 is a
 # low-discrepancy sequence, so every prefix of the palette spreads over hue, saturation and value.
 _G3 = 1.22074408460575947536
@@ -210,7 +212,8 @@ def results_grid(
         _check_pair(image, pred)
         if image.shape[:2] != (H, W):
             image = np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR))
-            gt, pred = (_resize_label(m, H, W) for m in (gt, pred))
+            rows_i, cols_i = nearest_index(gt.shape[0], H), nearest_index(gt.shape[1], W)
+            gt, pred = (m[rows_i][:, cols_i] for m in (gt, pred))
         maps += [gt, pred]
         cells = [image] + [overlay(image, m, colours, alpha, ignore_index) for m in (gt, pred)]
         cells = [c.repeat(zoom, axis=0).repeat(zoom, axis=1) for c in cells]
@@ -224,12 +227,6 @@ def results_grid(
             grid = np.concatenate([grid, _title_strip([what], grid.shape[1], pad, left=True)])
             grid = np.concatenate([grid, legend(group, class_names, colours, grid.shape[1])])
     return grid
-
-
-def _resize_label(label: np.ndarray, h: int, w: int) -> np.ndarray:
-    ri = np.minimum((np.arange(h) + 0.5) * label.shape[0] / h, label.shape[0] - 1).astype(int)
-    ci = np.minimum((np.arange(w) + 0.5) * label.shape[1] / w, label.shape[1] - 1).astype(int)
-    return label[ri][:, ci]
 
 
 def _title_strip(titles: Sequence[str], cell_w: int, pad: int, left: bool = False) -> np.ndarray:

@@ -67,24 +67,8 @@ def test_fifo_replacement_order_and_batched_push_equals_sequential():
 
 def naive_loss(ca_before, emb, labels, mu, s):
     """Plain per-pair attention pooling + CE over classes outside L \\ {lab}; cold pairs 0."""
-    need = max(1, ca_before.warm_up * ca_before.bank_size)
-    total, n = torch.zeros(()), 0
-    for b, L in enumerate(labels):
-        for lab in L.tolist():
-            n += 1
-            if int(ca_before.count[lab]) < need:
-                continue
-            x = emb[b].detach()
-            fg = ca_before.similarity(x, lab)
-            bgs = [c for c in L.tolist() if c != lab and int(ca_before.count[c]) >= need]
-            bg = sum(ca_before.similarity(x, c) for c in bgs) / len(bgs) if bgs else 1 - fg
-            diff = fg - bg
-            A = torch.sigmoid((diff - diff.mean()) / (diff.std(unbiased=False) + 1e-5))
-            pooled = (emb[b] * A).mean(dim=(1, 2))
-            z = s * mu @ pooled
-            keep = [c for c in range(mu.shape[0]) if c == lab or c not in L.tolist()]
-            total = total + torch.logsumexp(z[keep], 0) - z[lab]
-    return total / n
+    classes = list(range(mu.shape[0]))
+    return naive_loss_candidates(ca_before, emb, labels, mu, s, classes, None, None, None)
 
 
 def test_loss_matches_naive_with_warm_up_and_enqueues_after_scoring():
@@ -243,7 +227,8 @@ def test_multi_label_attention_uses_the_other_labels():
 
 
 def naive_loss_candidates(ca_before, emb, labels, mu, s, cands, k, threshold, mse_threshold):
-    """Naive CA loss with a source's candidate rows: background and negatives among them."""
+    """Naive CA loss with a source's candidate rows: background and negatives among them;
+    threshold None: a single-label image has no background (LarvSeg without suppression)."""
     need = max(1, ca_before.warm_up * ca_before.bank_size)
     total, n = torch.zeros((), dtype=emb.dtype), 0
     for b, L in enumerate(labels):
@@ -253,7 +238,7 @@ def naive_loss_candidates(ca_before, emb, labels, mu, s, cands, k, threshold, ms
                 continue
             x = emb[b].detach()
             fg = ca_before.similarity(x, lab)
-            if len(L) > 1:
+            if len(L) > 1 or threshold is None:
                 bgs = [c for c in L.tolist() if c != lab and int(ca_before.count[c]) >= need]
             else:
                 bgs = naive_background(ca_before, x, lab, mu, cands, threshold, mse_threshold)

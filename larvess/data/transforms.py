@@ -66,7 +66,7 @@ def resize_size(
     return max(nh, 1), max(nw, 1)
 
 
-def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
     """Source index of each output position for a nearest-neighbour resize (pixel centres)."""
     return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
@@ -150,7 +150,7 @@ def train_augment(
 
     # the label of the crop is gathered straight from the source map with nearest indices,
     # so the full resized map is never built
-    ri, ci = _nearest_index(h, nh), _nearest_index(w, nw)
+    ri, ci = nearest_index(h, nh), nearest_index(w, nw)
     y0, x0 = _crop_box(nh, nw, c, rng)
     ch, cw = min(c, nh), min(c, nw)
     lab = None
