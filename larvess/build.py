@@ -116,7 +116,9 @@ def model_args(recipe: Recipe) -> dict:
     m = recipe.model
     kwargs = dict(m.backbone_kwargs)
     kwargs.setdefault("drop_path_rate", m.drop_path)
-    return dict(backbone=m.backbone, dim=m.dim, img_size=m.img_size, backbone_kwargs=kwargs)
+    return dict(
+        backbone=m.backbone, dim=m.dim, img_size=m.img_size, backbone_kwargs=kwargs, stem=m.stem
+    )
 
 
 def build_model(recipe: Recipe, num_classes: int) -> tuple[Segmenter, ClassTable, dict]:

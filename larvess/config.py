@@ -44,6 +44,7 @@ class ModelConfig:
     dim: int = 64  # embedding size d; ESS used 7-12 for <= 1284 classes, 64 suits 21K
     pretrained_file: str | None = None  # local weights only; nothing is downloaded
     drop_path: float = 0.1  # stochastic depth of the backbone (LarvSeg 0.1)
+    stem: str = "patch"  # patch (the ViT's own, for pretrained weights) | conv (from scratch)
 
 
 @dataclass
@@ -247,6 +248,7 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     )
     _check(m.dim >= 1, src, "model.dim", m.dim, "must be >= 1")
     _check(m.img_size >= 16, src, "model.img_size", m.img_size, "must be >= 16")
+    _check(m.stem in ("patch", "conv"), src, "model.stem", m.stem, "patch/conv")
     _check(lo.k >= 1, src, "loss.k", lo.k, "must be >= 1")
     _check(lo.label_stride >= 1, src, "loss.label_stride", lo.label_stride, "must be >= 1")
     _check(lo.scale > 0, src, "loss.scale", lo.scale, "must be > 0")

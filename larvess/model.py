@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Segmenter", "ClassTable", "upsample_embeddings"]
+__all__ = ["Segmenter", "ClassTable", "conv_stem", "upsample_embeddings"]
 
 
 class Segmenter(nn.Module):
@@ -36,6 +36,10 @@ class Segmenter(nn.Module):
             work through ``dynamic_img_size=True``).
         backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. depth,
             embed_dim, num_heads for tiny CPU models).
+        stem: "patch" keeps the ViT's patch embedding (one p x p convolution, needed for
+            pretrained weights); "conv" replaces it with a stack of 3x3 stride-2 convolutions of
+            the same total stride (Xiao et al. 2021, "Early convolutions help transformers see
+            better"), for backbones trained from scratch.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class Segmenter(nn.Module):
         pretrained_file: str | os.PathLike | None = None,
         img_size: int = 224,
         backbone_kwargs: dict | None = None,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         kwargs = dict(backbone_kwargs or {})
@@ -69,6 +74,11 @@ class Segmenter(nn.Module):
             raise ValueError(f"backbone {backbone!r} is not a ViT with patch tokens")
         patch = self.backbone.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        if stem == "conv":
+            self.backbone.patch_embed.proj = conv_stem(self.backbone.embed_dim, self.patch_size)
+        elif stem != "patch":
+            raise ValueError(f"model stem must be 'patch' or 'conv', got {stem!r}")
+        self.stem = stem
         self.dim = dim
         self.head = nn.Conv2d(self.backbone.embed_dim, dim, kernel_size=1)
 
@@ -85,6 +95,26 @@ class Segmenter(nn.Module):
             )
         feat = tokens.transpose(1, 2).reshape(B, -1, h, w)
         return F.normalize(self.head(feat), dim=1)
+
+
+def conv_stem(embed_dim: int, patch_size: int) -> nn.Sequential:
+    """[B,3,H,W] -> [B,embed_dim,H/p,W/p] by log2(p) 3x3 stride-2 conv-BN-ReLU layers + a 1x1.
+
+    Channels double per layer up to embed_dim (Xiao et al.'s stem), so the stem costs about one
+    transformer block.
+    """
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**n != patch_size:
+        raise ValueError(f"conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+    widths = [max(embed_dim >> (n - i), 8) for i in range(1, n + 1)]
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c in widths:
+        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c),
+                   nn.ReLU(inplace=True)]  # fmt: skip
+        c_in = c
+    layers.append(nn.Conv2d(c_in, embed_dim, kernel_size=1))
+    return nn.Sequential(*layers)
 
 
 def upsample_embeddings(x: Tensor, size: tuple[int, int]) -> Tensor:

@@ -2,25 +2,31 @@
 
     python scripts/bench_toy.py                        # every variant x seeds 0-2; docs/results.md
     python scripts/bench_toy.py --seeds 0 --variants method all_masks --steps 100   # a quick look
+    python scripts/bench_toy.py --jobs 2     # two runs at once, one torch thread each
 
 Each seed S gets its own toy world (bench_out/toy/world_sS, made once) and training seed S. Every
 run trains recipes/toy.yaml plus the variant's overrides (VARIANTS; WHAT says what each is) for
 the same number of optimiser steps, by default the recipe's own (the demo's), with
 scripts/train.py, and is scored with scripts/eval_ade.py on the world's ADE validation set with
 the world's novel classes as the novel split. Resumable: finished runs are kept in
-bench_out/toy/bench_toy.json. Prints a table, writes docs/results.md, docs/results_chart.png and
+bench_out/toy/bench_toy.json under a fingerprint of the recipe and the variant's overrides, so
+a changed recipe is run again rather than mixed with old rows. Prints a table, writes docs/results.md, docs/results_chart.png and
 docs/bench_toy.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -38,8 +44,8 @@ VARIANTS = {
     "all_masks": [f"data=[{_COCO}, {_ADE}]"],
     "image_ce": ["data.imagenet.ca_weight=0", "data.wa.ca_weight=0"],
     "method": [],
-    "negatives_source": ["loss.negatives=source"],
-    "batch_mean": ["loss.combine=batch_mean"],
+    "negatives_all": ["loss.negatives=all"],
+    "sum": ["loss.combine=sum"],
     "pc2": ["loss.pc2_weight=0.1"],
     "full_softmax": ["loss.k=23"],
 }
@@ -49,10 +55,10 @@ WHAT = {
     "classes (novel classes get masks too), 8 + 8 images a step (the method: 8 + 4 + 4)",
     "image_ce": "`method` without the CA-Classifier: image-level CE only on the image sources",
     "method": "the full method, `recipes/toy.yaml` as shipped (what `make demo` runs)",
-    "negatives_source": "`method` with each source scored against its own classes only "
-    "(LarvSeg's `cls_emb[cls_index]`, the real recipes' default)",
-    "batch_mean": "`method` with the sources weighted by their batch share (LarvSeg's DDP "
-    "average) instead of summed",
+    "negatives_all": "`method` with negatives searched in the whole table, not only among the "
+    "source's own classes (LarvSeg's `cls_emb[cls_index]`, the method's default)",
+    "sum": "`method` with the per-source losses summed instead of weighted by their batch share "
+    "(LarvSeg's DDP average, the method's default)",
     "pc2": "`method` plus the PC2Seg pixel-contrastive term (weight 0.1) on the image sources",
     "full_softmax": "`method` with k = 23 = C - 1: the kNN-sampled CE becomes full-softmax CE",
 }
@@ -78,7 +84,16 @@ def make_world(seed: int, out: Path) -> Path:
     return world
 
 
-def run_variant(variant: str, seed: int, steps: int, world: Path, out: Path) -> dict:
+def fingerprint(variant: str) -> str:
+    """What a run's result depends on besides seed and steps: the recipe text and the overrides."""
+    text = (ROOT / RECIPE).read_text() + "\n".join(VARIANTS[variant])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def run_variant(
+    variant: str, seed: int, steps: int, world: Path, out: Path, threads: int | None = None
+) -> dict:
+    """Train and score one (variant, seed); `threads` caps torch's threads (OMP_NUM_THREADS)."""
     name = f"{variant}_s{seed}"
     overrides = VARIANTS[variant] + [
         f"name={name}",
@@ -103,21 +118,30 @@ def run_variant(variant: str, seed: int, steps: int, world: Path, out: Path) -> 
             f"data.wa.root={world / 'ade'}",
         ]
     py = sys.executable
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    log = out / "runs" / f"{name}.log"  # both commands' output; named if one fails
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def call(cmd: list[str]) -> None:
+        with log.open("a") as f:
+            if subprocess.run(
+                cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+            ).returncode:
+                raise RuntimeError(f"{variant} seed {seed} failed: {' '.join(cmd[:2])}; see {log}")
+
+    log.write_text("")
     t0 = time.time()
-    subprocess.run([py, "scripts/train.py", RECIPE, *overrides], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    call([py, "scripts/train.py", RECIPE, *overrides])
     train_s = time.time() - t0
     run = out / "runs" / name
     ev = run / "eval_ade150"
-    subprocess.run(
-        [py, "scripts/eval_ade.py", "--checkpoint", str(run), "--dataset", "ade150", "--root",
-         str(world / "ade"), "--novel", str(world / "novel.txt"), "--out", str(ev)],
-        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    call([py, "scripts/eval_ade.py", "--checkpoint", str(run), "--dataset", "ade150", "--root",
+          str(world / "ade"), "--novel", str(world / "novel.txt"), "--out", str(ev)])  # fmt: skip
     summary = json.loads((ev / "results.json").read_text())["summary"]
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     images = steps * sum(s["batch_size"] for s in recipe["data"])
-    row = {"variant": variant, "seed": seed, "steps": steps, "train_s": round(train_s, 1),
+    row = {"variant": variant, "seed": seed, "steps": steps, "recipe": fingerprint(variant),
+           "threads": threads, "train_s": round(train_s, 1),
            "images_per_s": round(images / train_s, 1)}  # fmt: skip
     row.update({m: summary[m] for m in METRICS})
     row.update({m + "_d2": summary[m + "_d2"] for m in METRICS})
@@ -185,8 +209,8 @@ def write_doc(rows: list[dict], path: Path, steps: int) -> None:
     for a, b, what in [
         ("image_ce", "masks_only", "image-level CE over masks only"),
         ("method", "image_ce", "CA-Classifier over image-level CE alone"),
-        ("negatives_source", "method", "per-source negatives over negatives from all rows"),
-        ("batch_mean", "method", "batch-share weighting over the sum of source losses"),
+        ("method", "negatives_all", "per-source negatives over negatives from all rows"),
+        ("method", "sum", "batch-share weighting over the sum of source losses"),
         ("pc2", "method", "PC2Seg term over none"),
         ("method", "full_softmax", "kNN-sampled CE (k = 8) over full-softmax CE"),
         ("all_masks", "method", "masks for every class (upper bound) over the method"),
@@ -249,26 +273,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "toy")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each with cores / jobs torch threads (img/s then shared)",
+    )
     args = ap.parse_args(argv)
     steps = args.steps or load_recipe(ROOT / RECIPE).schedule.steps
     args.out.mkdir(parents=True, exist_ok=True)
     result_file = args.out / "bench_toy.json"
     rows = json.loads(result_file.read_text()) if result_file.is_file() else []
-    todo = [(s, v) for s in args.seeds for v in args.variants]
-    for n, (seed, v) in enumerate(todo, 1):
-        if any(r["variant"] == v and r["seed"] == seed and r["steps"] == steps for r in rows):
-            continue  # resumable: finished runs are kept
+
+    def current(r: dict) -> bool:
+        return r["steps"] == steps and r.get("recipe") == fingerprint(r["variant"])
+
+    todo = [(s, v) for v in args.variants for s in args.seeds]  # whole rows first
+    todo = [(s, v) for s, v in todo if not any(
+        current(r) and r["variant"] == v and r["seed"] == s for r in rows)]  # fmt: skip
+    for seed in sorted({s for s, _ in todo}):  # worlds first, one at a time
+        make_world(seed, args.out)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    lock = threading.Lock()
+
+    def one(n: int, seed: int, v: str) -> None:
         print(f"[{n}/{len(todo)}] {v} seed {seed} ...", flush=True)
-        world = make_world(seed, args.out)
-        rows.append(run_variant(v, seed, steps, world, args.out))
-        r = rows[-1]
-        print(f"  base {r['base_mIoU']:.1f} novel {r['novel_mIoU']:.1f}, train {r['train_s']:.0f} s"
-              f" ({r['images_per_s']:.0f} img/s)", flush=True)  # fmt: skip
-        result_file.write_text(json.dumps(rows, indent=1))
-        # the document always shows every finished run, even if the grid is cut short
-        done = [r for r in rows if r["steps"] == steps and r["seed"] in args.seeds]
-        write_doc(done, args.doc, steps)
-    rows = [r for r in rows if r["steps"] == steps and r["seed"] in args.seeds]
+        r = run_variant(v, seed, steps, args.out / f"world_s{seed}", args.out, threads)
+        with lock:
+            rows.append(r)
+            print(f"  {v} seed {seed}: base {r['base_mIoU']:.1f} novel {r['novel_mIoU']:.1f}, "
+                  f"train {r['train_s']:.0f} s ({r['images_per_s']:.0f} img/s)", flush=True)  # fmt: skip
+            result_file.write_text(json.dumps(rows, indent=1))
+            # the document always shows every finished run, even if the grid is cut short
+            write_doc([r for r in rows if current(r) and r["seed"] in args.seeds], args.doc, steps)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(one, n, s, v) for n, (s, v) in enumerate(todo, 1)]:
+            f.result()  # a failed run stops the bench with its error
+    rows = [r for r in rows if current(r) and r["seed"] in args.seeds]
     write_doc(rows, args.doc, steps)
     print(table(rows))
     print(f"wrote {result_file} and {args.doc}")

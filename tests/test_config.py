@@ -137,6 +137,7 @@ def test_from_dict_without_file():
         ("data.coco.label_format=trainid182", "data.0.label_format"),
         ("data.coco.base_scale=[320]", "data.0.base_scale"),
         ("model.drop_path=1.5", "model.drop_path"),
+        ("model.stem=resnet", "model.stem"),
     ],
 )
 def test_loss_semantics_keys_are_validated(tmp_path, override, key):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from larvess.ca_classifier import CAClassifier
 from larvess.losses import image_level_ce, knn_sampled_ce, margin_regularizer
-from larvess.model import ClassTable, Segmenter, upsample_embeddings
+from larvess.model import ClassTable, Segmenter, conv_stem, upsample_embeddings
 
 TINY = dict(backbone="vit_tiny_patch16_224", img_size=64, backbone_kwargs=dict(depth=2))
 
@@ -21,6 +21,26 @@ def test_segmenter_shape_and_unit_norm():
     tokens = m.backbone.forward_features(torch.zeros(1, 3, 64, 64))[:, 1:]
     manual = F.normalize(m.head(tokens.transpose(1, 2).reshape(1, -1, 4, 4)), dim=1)
     assert torch.allclose(m(torch.zeros(1, 3, 64, 64)), manual, atol=1e-6)
+
+
+def test_conv_stem_replaces_the_patch_embedding_at_the_same_stride():
+    torch.manual_seed(0)
+    m = Segmenter(dim=8, stem="conv", **TINY)
+    proj = m.backbone.patch_embed.proj
+    strides = [c.stride[0] for c in proj if isinstance(c, torch.nn.Conv2d)]
+    assert strides == [2, 2, 2, 2, 1] and proj[-1].out_channels == m.backbone.embed_dim
+    x = m(torch.randn(2, 3, 64, 96))
+    assert x.shape == (2, 8, 4, 6) and m.patch_size == 16
+    # the tokens are the stem's output (a 1x1 conv on the last 3x3 feature map), not the old p x p
+    img = torch.randn(1, 3, 32, 32)
+    tokens = m.backbone.patch_embed(img).reshape(1, 4, -1)  # NHWC under dynamic_img_size
+    assert torch.allclose(tokens, proj(img).flatten(2).transpose(1, 2))
+    x.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+    with pytest.raises(ValueError, match="power-of-two patch size"):
+        conv_stem(64, 14)
+    with pytest.raises(ValueError, match="'conv'.*'blocks'"):
+        Segmenter(dim=8, stem="blocks", **TINY)
 
 
 def test_upsample_embeddings_is_bilinear_and_renormalised():
