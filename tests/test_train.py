@@ -20,6 +20,17 @@ def load_params(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def assert_same_model(r0: dict, r1: dict) -> None:
+    """Every parameter and buffer equal on both ranks, except the conv stem's BatchNorm running
+    statistics: DDP broadcasts rank 0's at each forward, then every rank updates them from its
+    own batch; rank 0 writes the checkpoint, so only its statistics are ever used."""
+    own = ("running_mean", "running_var")
+    for k, v in r0["params"].items():
+        if not k.endswith(own):
+            assert torch.equal(v, r1["params"][k]), k
+    assert any(k.endswith(own) for k in r0["params"])  # the toy recipe's stem has BatchNorm
+
+
 @pytest.mark.slow
 def test_two_processes_step_in_lockstep(world, tmp_path):
     out = tmp_path / "ranks"
@@ -44,8 +55,7 @@ def test_two_processes_step_in_lockstep(world, tmp_path):
             assert not set(k0) & set(k1), name
     # the imagenet stream of each rank reads its own shards
     assert not set(r0["keys"]["imagenet"]) & set(r1["keys"]["imagenet"])
-    for k, v in r0["params"].items():
-        assert torch.equal(v, r1["params"][k]), k
+    assert_same_model(r0, r1)
     for k, v in r0["bank"].items():
         assert torch.equal(v, r1["bank"][k]), k
     assert r0["bank"]["count"].sum() > 0  # something was enqueued (and synchronised)
@@ -83,8 +93,7 @@ def test_two_machines_of_one_process_each(world, tmp_path):
     assert r0["step"] == r1["step"] == 3
     for name in ("coco", "wa", "imagenet"):  # each global rank draws its own samples
         assert not set(r0["keys"][name]) & set(r1["keys"][name]), name
-    for k, v in r0["params"].items():
-        assert torch.equal(v, r1["params"][k]), k
+    assert_same_model(r0, r1)
     for k, v in r0["bank"].items():
         assert torch.equal(v, r1["bank"][k]), k
     # one writer: the main process of machine 0 wrote the run folder (shared disk here)
