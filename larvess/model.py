@@ -78,7 +78,6 @@ class Segmenter(nn.Module):
             self.backbone.patch_embed.proj = conv_stem(self.backbone.embed_dim, self.patch_size)
         elif stem != "patch":
             raise ValueError(f"model stem must be 'patch' or 'conv', got {stem!r}")
-        self.stem = stem
         self.dim = dim
         self.head = nn.Conv2d(self.backbone.embed_dim, dim, kernel_size=1)
 

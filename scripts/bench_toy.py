@@ -10,7 +10,8 @@ the same number of optimiser steps, by default the recipe's own (the demo's), wi
 scripts/train.py, and is scored with scripts/eval_ade.py on the world's ADE validation set with
 the world's novel classes as the novel split. Resumable: finished runs are kept in
 bench_out/toy/bench_toy.json under a fingerprint of the recipe and the variant's overrides, so
-a changed recipe is run again rather than mixed with old rows. Prints a table, writes docs/results.md, docs/results_chart.png and
+a changed recipe is run again rather than mixed with old rows. Prints a table, writes
+docs/results.md, docs/results_chart.png and
 docs/bench_toy.json.
 """
 
@@ -309,8 +310,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     result_file = args.out / "bench_toy.json"
     rows = json.loads(result_file.read_text()) if result_file.is_file() else []
 
+    prints = {v: fingerprint(v) for v in VARIANTS}  # the recipe is read once, not per row
+
     def current(r: dict) -> bool:
-        return r["steps"] == steps and r.get("recipe") == fingerprint(r["variant"])
+        return r["steps"] == steps and r.get("recipe") == prints.get(r["variant"])
 
     def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         """-> (current rows of the tuning seeds, current method rows of the untuned seeds)."""
