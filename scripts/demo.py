@@ -1,6 +1,6 @@
 """The whole pipeline on a CPU, through the same scripts as real training (what `make demo` runs).
 
-    python scripts/demo.py                 # ~10 minutes on 2 cores
+    python scripts/demo.py                 # ~5 minutes on 2 cores
     python scripts/demo.py --quick         # a tiny world and a few steps (CI's smoke run)
 
 1. writes the toy world (python -m larvess.data.toy)

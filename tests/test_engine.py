@@ -1,5 +1,5 @@
 """engine.compute_losses: per-source negatives and the per-source loss combination, against
-the same terms written out by hand; the margin search cache."""
+the same terms written out by hand; the margin search cache; Net's grouped forward."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from larvess.build import param_groups
 from larvess.config import LossConfig, OptimConfig, SourceConfig
-from larvess.engine import compute_losses, local_index, source_shares, to_local
+from larvess.engine import Net, compute_losses, local_index, source_shares, to_local
 from larvess.losses import LogitStandardizer, image_level_ce, margin_regularizer, nearest_rows
 from larvess.model import ClassTable, Segmenter
 
@@ -133,3 +133,29 @@ def test_logit_norm_parameters_are_trained_without_decay():
     assert all(
         g["name"] != "logit_norm" for g in param_groups(seg, ClassTable(5, 8), OptimConfig())
     )
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_net_groups_sources_of_one_size_into_one_forward_with_the_same_result(stem):
+    torch.manual_seed(0)
+    seg = Segmenter("vit_tiny_patch16_224", dim=8, img_size=64, stem=stem,
+                    backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2))  # fmt: skip
+    net = Net(seg, ClassTable(5, 8)).eval()  # eval: BatchNorm uses its running statistics
+    g = torch.Generator().manual_seed(1)
+    sizes = [(3, 64), (2, 32), (2, 64), (1, 32)]  # two crop sizes, interleaved
+    images = [torch.randn(b, 3, s, s, generator=g, requires_grad=True) for b, s in sizes]
+    calls = []
+    seg.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    xs, mu = net(images)
+    assert sorted(calls) == [3, 5]  # one backbone call per crop size
+    assert [tuple(x.shape) for x in xs] == [(b, 8, s // 16, s // 16) for b, s in sizes]
+    weights = [torch.randn(x.shape, generator=g) for x in xs]
+    sum((w * x).sum() for w, x in zip(weights, xs)).backward()
+    grads = [im.grad.clone() for im in images]
+    for im, x, w, gr in zip(images, xs, weights, grads):
+        im.grad = None
+        ref = seg(im)
+        torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-4)
+        (w * ref).sum().backward()
+        torch.testing.assert_close(gr, im.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mu, net.table())
