@@ -8,6 +8,7 @@ vocabulary), ``build_model`` / ``build_optimizer`` / ``build_ca``, ``build_batch
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def build_data(recipe: Recipe) -> tuple[Vocabulary, dict[str, object]]:
     for path in recipe.vocab.extra_names:
         names = read_names_file(path)
         vocab.add_source(f"extra:{Path(path).name}", names, synsets_for_class_list(names))
+    trained = {r for s in recipe.data for r in vocab.rows_of(s.name).tolist()}
+    untrained = [n for r, n in enumerate(vocab.names) if r not in trained]
+    if untrained and recipe.loss.negatives == "source":
+        # nobody's negatives: they keep their random init and compete at prediction (a toy
+        # masks-only run with "source" predicted its untrained rows almost everywhere: base 0.0)
+        warnings.warn(
+            f"{len(untrained)} rows of vocab.extra_names match no training source (e.g. "
+            f"{untrained[:5]}); with loss.negatives=source they are never trained nor pushed "
+            "away and can take pixels at prediction: set loss.negatives=all, or leave them out",
+            stacklevel=2,
+        )
     return vocab, readers
 
 
@@ -240,7 +252,7 @@ def load_predictor(
             raise ValueError(
                 f"{loaded.path}: {len(missing)} of {len(rows)} classes are not in the model's "
                 f"vocabulary (e.g. {missing[:8]}); train with their names file in "
-                "vocab.extra_names so they get rows"
+                "vocab.extra_names (with loss.negatives=all) so they get rows"
             )
         names = [c[0] for c in class_names]
     recipe_file = run_dir_of(loaded.path) / "recipe.yaml"

@@ -41,7 +41,7 @@ _JITTER = "crop_size: 96, scale_range: [0.8, 1.25], photometric: false"
 _COCO = f"{{name: coco, kind: coco_stuff, root: x, batch_size: 8, num_workers: 1, {_JITTER}}}"
 _ADE = f"{{name: ade, kind: ade150, root: x, batch_size: 8, num_workers: 0, {_JITTER}}}"
 VARIANTS = {
-    "masks_only": [f"data=[{_COCO}]"],
+    "masks_only": [f"data=[{_COCO}]", "loss.negatives=all"],
     "all_masks": [f"data=[{_COCO}, {_ADE}]"],
     "image_ce": ["data.imagenet.ca_weight=0", "data.wa.ca_weight=0"],
     "method": [],
@@ -51,7 +51,8 @@ VARIANTS = {
     "full_softmax": ["loss.k=23"],
 }
 WHAT = {
-    "masks_only": "COCO-format masks of the base classes only (novel classes never supervised)",
+    "masks_only": "COCO-format masks of the base classes only (novel classes never supervised; "
+    "negatives from all rows, so that the novel classes' untrained rows are pushed away)",
     "all_masks": "the upper bound: base masks plus the ADE-format training masks of all 24 "
     "classes (novel classes get masks too), 8 + 8 images a step (the method: 8 + 4 + 4)",
     "image_ce": "`method` without the CA-Classifier: image-level CE only on the image sources",

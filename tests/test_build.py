@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,18 @@ def test_mask_sources_get_the_low_rows_and_readers_their_rows(world, tmp_path):
     # ImageNet synsets joined them through the toy world's alias file (its curated mapping)
     assert len(vocab) == len(wa.class_names) == len(set(vocab.rows_of("wa").tolist()))
     assert set(vocab.rows_of("imagenet").tolist()) <= set(vocab.rows_of("wa").tolist())
+
+
+def test_untrained_extra_rows_warn_under_source_negatives(world, tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text("zebra plaid\nteal mosaic\n")
+    args = tiny(world, tmp_path, "r", 2)[1:] + [f"vocab.extra_names=[{extra}]"]
+    with pytest.warns(UserWarning, match=r"2 rows of vocab.extra_names .*'zebra plaid'"):
+        vocab, _ = build.build_data(load_recipe(ROOT / "recipes" / "toy.yaml", args))
+    assert {"zebra plaid", "teal mosaic"} <= set(vocab.names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # negatives from all rows push them away: no warning
+        build.build_data(load_recipe(ROOT / "recipes" / "toy.yaml", args + ["loss.negatives=all"]))
 
 
 def test_global_batch_sizes_divide_over_processes(world, tmp_path):
