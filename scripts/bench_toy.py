@@ -10,9 +10,9 @@ the same number of optimiser steps, by default the recipe's own (the demo's), wi
 scripts/train.py, and is scored with scripts/eval_ade.py on the world's ADE validation set with
 the world's novel classes as the novel split. Resumable: finished runs are kept in
 bench_out/toy/bench_toy.json under a fingerprint of the recipe and the variant's overrides, so
-a changed recipe is run again rather than mixed with old rows. Prints a table, writes
-docs/results.md, docs/results_chart.png and
-docs/bench_toy.json.
+a changed recipe is run again rather than mixed with old rows (a code change is not in the
+fingerprint: move bench_toy.json aside to run everything again). Prints a table, writes
+docs/results.md, docs/results_chart.png and docs/bench_toy.json.
 """
 
 from __future__ import annotations
