@@ -30,7 +30,9 @@ Deliberate differences:
 - Only warm classes (ring filled ``warm_up`` times) count as background. The reference starts
   every ring as random unit vectors, so a cold class contributes ~0 noise that passes the MSE
   filter and dilutes the mean. (An all-zero cold ring here would be dropped by step 4 anyway.)
-- Steps 1-2 run in class chunks (exact top-5 per class) so no [P, C] tensor exists at C = 21K.
+- Steps 1-5 run for all single-label pairs of a batch at once, in class chunks (exact top-5 per
+  class), so no [pixels, C] tensor exists at C = 21K and no step asks the host for a value:
+  every candidate is scored and the rule is a mask.
 - The reference's ImageNet configs score 100 random classes plus the label (``use_sample_class``);
   here the caller passes ``candidates`` (the source's rows, or a sample of them).
 """
@@ -40,9 +42,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from larvess import knn
+from larvess.numerics import block_elems
 
-__all__ = ["top_score_mean", "standardised_mse"]
+__all__ = ["top_score_mean", "standardised_mse", "background_scores"]
 
 _SCORE_ELEMS = 1 << 22  # CPU block of [B, P, classes] scores; device-sized on CUDA
 
@@ -65,7 +67,7 @@ def top_score_mean(x: Tensor, table: Tensor, rows: Tensor | None = None, topk: i
     B, P, _ = xb.shape
     kk = min(topk, P)
     out = xb.new_empty(B, len(rows))
-    block = knn.block_elems(xb.device, _SCORE_ELEMS, elem_bytes=xb.element_size())
+    block = block_elems(xb.device, _SCORE_ELEMS, elem_bytes=xb.element_size())
     step = max(1, block // max(1, B * P))
     with torch.no_grad():
         for c0 in range(0, len(rows), step):
@@ -76,9 +78,53 @@ def top_score_mean(x: Tensor, table: Tensor, rows: Tensor | None = None, topk: i
 
 
 def standardised_mse(fg: Tensor, bg: Tensor) -> Tensor:
-    """The reference's ``mse(fg[:, None], bg)``: [P], [P,n] -> [n] (NaN for a constant map)."""
+    """The reference's ``mse(fg[:, None], bg)``: fg [...,P], bg [...,P,n] -> [...,n] (NaN for a
+    constant map); pixels on the second-last axis of bg."""
 
     def z(t: Tensor) -> Tensor:
-        return (t - t.mean(dim=0, keepdim=True)) / t.std(dim=0, keepdim=True)
+        return (t - t.mean(dim=-2, keepdim=True)) / t.std(dim=-2, keepdim=True)
 
-    return (z(fg.reshape(-1, 1)) - z(bg)).pow(2).mean(dim=0)
+    return (z(fg[..., None]) - z(bg)).pow(2).mean(dim=-2)
+
+
+def background_scores(
+    x: Tensor,
+    s_fg: Tensor,
+    target: Tensor,
+    table: Tensor,
+    means: Tensor,
+    warm: Tensor,
+    threshold: float,
+    mse_threshold: float,
+    topk: int = 5,
+) -> tuple[Tensor, Tensor]:
+    """The single-label background of P pairs at once, as the sum and count of S_b over the
+    selected classes b (so S_bg = sum / count, or 1 - S_fg when the count is 0).
+
+    Args:
+        x: [P,Q,d] detached unit pixels of each pair's image.
+        s_fg: [P,Q] the label's memory score S_fg.
+        target: [P] the label's row of ``table``.
+        table: [R,d] the source's rows (raw cosine scores of steps 1-2).
+        means: [R,d] the bank mean of each row (S_b = x . means_b).
+        warm: [R] bool, rows whose ring is warm.
+    Returns:
+        (bg_sum [P,Q], bg_count [P]).
+    """
+    P, Q, _ = x.shape
+    R = table.shape[0]
+    kk = min(topk, Q)
+    bg_sum, bg_cnt = x.new_zeros(P, Q), torch.zeros(P, dtype=torch.long, device=x.device)
+    block = block_elems(x.device, _SCORE_ELEMS, elem_bytes=x.element_size())
+    step = max(1, block // max(1, 2 * P * Q))  # two [P,Q,n] blocks: raw and memory scores
+    ids = torch.arange(R, device=x.device)
+    for c0 in range(0, R, step):
+        c1 = min(R, c0 + step)
+        raw = torch.einsum("pqd,nd->pqn", x, table[c0:c1].to(x.dtype))
+        top = raw.topk(kk, dim=1).values.mean(dim=1)  # [P,n]
+        s_b = torch.einsum("pqd,nd->pqn", x, means[c0:c1].to(x.dtype))
+        keep = (top > threshold) & (ids[None, c0:c1] != target[:, None]) & warm[None, c0:c1]
+        keep &= standardised_mse(s_fg, s_b) > mse_threshold  # NaN (constant map) never passes
+        bg_sum += torch.einsum("pqn,pn->pq", s_b, keep.to(x.dtype))
+        bg_cnt += keep.sum(dim=1)
+    return bg_sum, bg_cnt

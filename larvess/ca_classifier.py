@@ -17,22 +17,31 @@ grid values, so we pool at the grid and skip the upsampling).
 Background classes S_bg for label l of an image with label set L:
 - |L| > 1: the other labels of the image whose bank is warm.
 - |L| = 1: as the official LarvSeg code (details and reference in ca_background.py): among the
-  candidate rows (the source's classes; ``candidates``), classes b != l whose mean of the top-5
-  raw cosine pixel scores x_p . mu_b exceeds ``bg_threshold`` (0.2; 0.35 ImageNet), that are
-  warm, and that pass the MSE filter (standardised S_fg and S_b differ by more than
-  ``bg_mse_threshold``: 1.0; 2.0 in the reference's ImageNet config).
+  source's rows, classes b != l whose mean of the top-5 raw cosine pixel scores x_p . mu_b
+  exceeds ``bg_threshold`` (0.2; 0.35 ImageNet), that are warm, and that pass the MSE filter
+  (standardised S_fg and S_b differ by more than ``bg_mse_threshold``: 1.0; 2.0 in the
+  reference's ImageNet config).
 With none, S_bg = 1 - S_fg.
 
-Negatives of the pooled CE: the candidate rows outside the image's label set (all rows when
-``candidates`` is None), all of them (k=None) or the k nearest of the pooled embedding.
+Negatives of the pooled CE: the source's rows outside the image's label set, all of them (k=None)
+or the k nearest of the pooled embedding.
 
 Warm-up: the loss term of pair (image, l) is 0 until class l's ring has been filled ``warm_up``
 times (count >= warm_up * M, at least one enqueue); the loss is the mean over all pairs.
 
-Distributed: every enqueue batch is all-gathered (torch.distributed, when initialised) and
-applied in rank order, so all processes hold the identical bank.
+State. ``loss`` is pure: it scores against the bank as it is and changes nothing. What a batch
+would push is ``slots`` (its own call); the train loop pushes it with ``push`` in the state phase
+of an applied, finite step, so a skipped step leaves the bank as it was. Under gradient
+accumulation every micro-batch of a step scores against the bank of the step's start, and the
+step pushes all its micro-batches' slots in order after the optimiser step.
 
-Precision: loss / enqueue / similarity / attention run under ``in_fp32`` (autocast off, fp32).
+Distributed: every push is all-gathered (torch.distributed, when initialised) and applied in
+rank order, so all processes hold the identical bank.
+
+No host waits in ``loss`` and ``slots``: every pair is scored at once, cold pairs masked; sizes
+come from label counts (host ints), never from tensor values.
+
+Precision: loss / slots / similarity / attention run under ``in_fp32`` (autocast off, fp32).
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from larvess.ca_background import standardised_mse, top_score_mean
-from larvess.losses import in_fp32, pooled_ce, zero_with_grad
+from larvess.ca_background import background_scores
+from larvess.losses import LabelPairs, label_pairs, pooled_ce
+from larvess.numerics import in_fp32, zero_with_grad
 
 __all__ = ["CAClassifier"]
 
@@ -95,20 +105,26 @@ class CAClassifier(nn.Module):
         return self.count[classes.to(self.count.device)] >= need
 
     def bank_mean(self, classes: Tensor) -> Tensor:
-        """[n,d] mean of the filled slots of each class (zeros for an empty ring)."""
-        classes = classes.to(self.bank.device)
-        filled = self.count[classes].clamp(max=self.bank_size)
-        slot_ok = torch.arange(self.bank_size, device=self.bank.device)[None] < filled[:, None]
-        total = (self.bank[classes] * slot_ok[..., None]).sum(dim=1)
-        return total / filled.clamp(min=1)[:, None].to(total.dtype)
+        """[n,d] mean of the filled slots of each class (zeros for an empty ring).
 
-    def _slot_mean(self, emb: Tensor, score: Tensor) -> Tensor:
-        """Mean of the normalised embeddings of the topk highest-score pixels -> [d]."""
-        x = emb.detach().reshape(emb.shape[0], -1)
-        top = score.detach().reshape(-1).topk(min(self.topk, x.shape[1])).indices
-        return F.normalize(x[:, top].T, dim=1).mean(dim=0)
+        Slots not yet written are zero (the ring fills 0, 1, ... before it wraps), so the sum
+        over all M slots is the sum over the filled ones: no [n,M,d] gather."""
+        classes = classes.to(self.bank.device)
+        filled = self.count[classes].clamp(min=1, max=self.bank_size)
+        return self.bank.sum(dim=1)[classes] / filled[:, None].to(self.bank.dtype)
 
     @in_fp32
+    def slots(self, emb: Tensor, score: Tensor) -> Tensor:
+        """[n,d]: per image the mean of the normalised embeddings of its topk highest-score
+        pixels; emb [n,d,h,w] (or one image [d,h,w]), score [n,h,w] (or [h,w])."""
+        x, score = emb.detach(), score.detach()
+        if x.dim() == 3:
+            x, score = x[None], score[None]
+        x = x.flatten(2)  # [n,d,Q]
+        top = score.flatten(1).topk(min(self.topk, x.shape[2]), dim=1).indices  # [n,K]
+        picked = x.gather(2, top[:, None, :].expand(-1, x.shape[1], -1))  # [n,d,K]
+        return F.normalize(picked, dim=1).mean(dim=2)
+
     def enqueue(self, emb: Tensor, score: Tensor, c: int) -> None:
         """Push the topk highest-``score`` pixels of one image as one slot of class c.
 
@@ -116,12 +132,12 @@ class CAClassifier(nn.Module):
         process must call it the same number of times."""
         if not 0 <= int(c) < self.num_classes:
             raise ValueError(f"enqueue: class {int(c)} outside [0, {self.num_classes})")
-        slot = self._slot_mean(emb, score)
-        self._push(slot[None], torch.tensor([int(c)], device=slot.device))
+        self.push(self.slots(emb, score), torch.tensor([int(c)]))
 
     @torch.no_grad()
-    def _push(self, slots: Tensor, classes: Tensor) -> None:
-        """FIFO-write slots [n,d] of classes [n] (all-gathered across processes first)."""
+    def push(self, slots: Tensor, classes: Tensor) -> None:
+        """FIFO-write slots [n,d] of classes [n] (all-gathered across processes first): the
+        state change of the bank, called once per applied step by the train loop."""
         dev = self.bank.device
         slots, classes = slots.detach().to(dev, self.bank.dtype), classes.to(dev).long()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -150,33 +166,48 @@ class CAClassifier(nn.Module):
         return torch.einsum("dhw,d->hw", emb, m.to(emb.dtype))
 
     # ---- loss --------------------------------------------------------------------------
-    def _single_label_background(
+    def _pairs(self, emb: Tensor, labels: list[Tensor] | LabelPairs) -> LabelPairs:
+        pairs = labels if isinstance(labels, LabelPairs) else label_pairs(labels, emb.device)
+        if emb.dim() != 4 or len(pairs.counts) != emb.shape[0]:
+            raise ValueError(
+                f"CAClassifier needs emb [B,d,h,w] and B label tensors, got "
+                f"{tuple(emb.shape)} and {len(pairs.counts)}"
+            )
+        return pairs
+
+    @in_fp32
+    def attention_of_pairs(
         self,
         x: Tensor,
-        lab: int,
+        pairs: LabelPairs,
         table: Tensor,
-        threshold: float,
-        mse_threshold: float,
-        candidates: Tensor | None = None,
+        rows: Tensor,
+        bg_threshold: float,
+        bg_mse_threshold: float,
     ) -> Tensor:
-        """Background rows for a single-label image (see ca_background.py).
-
-        x [P,d] detached unit pixels, table mu [C,d], candidates LongTensor of rows (None = all).
-        """
-        rows = (
-            torch.arange(table.shape[0], device=table.device)
-            if candidates is None
-            else candidates.to(table.device)
-        )
-        top = top_score_mean(x, table, rows, self.bg_topk)
-        cand = rows[(top > threshold) & (rows != lab)]
-        cand = cand[self.warm(cand)]
-        if len(cand) == 0:
-            return cand
-        lab_t = torch.tensor([int(lab)], device=self.bank.device)
-        s_fg = x @ self.bank_mean(lab_t)[0].to(x.dtype)  # [P]
-        s_bg = x @ self.bank_mean(cand).to(x.dtype).T  # [P,n]
-        return cand[standardised_mse(s_fg, s_bg) > mse_threshold]
+        """A [P,Q] for every pair: x [P,d,Q] each pair's image (unit, detached), table mu_s
+        [R,d] the source's rows, rows [R] their bank classes; pairs in local ids (< R)."""
+        means = self.bank_mean(rows).to(x.dtype)  # [R,d]: the source's rings
+        warm = self.warm(rows)  # [R]
+        s_fg = torch.einsum("pdq,pd->pq", x, means[pairs.target])
+        # the image's other labels: background of a multi-label image
+        others = pairs.excluded()  # [P,E]
+        on = (others >= 0) & (others != pairs.target[:, None])
+        on &= warm[others.clamp(min=0)]
+        bg_sum = torch.einsum("pdq,ped,pe->pq", x, means[others.clamp(min=0)], on.to(x.dtype))
+        bg_cnt = on.sum(dim=1)
+        single = [i for i, n in enumerate(pairs.pair_counts()) if n == 1]  # host ints
+        if single:  # single-label images: the reference's threshold + MSE rule
+            idx = torch.tensor(single, device=x.device)
+            s_sum, s_cnt = background_scores(
+                x[idx].transpose(1, 2), s_fg[idx], pairs.target[idx], table, means, warm,
+                bg_threshold, bg_mse_threshold, self.bg_topk,
+            )  # fmt: skip
+            bg_sum, bg_cnt = bg_sum.index_copy(0, idx, s_sum), bg_cnt.index_copy(0, idx, s_cnt)
+        s_bg = torch.where(bg_cnt[:, None] > 0, bg_sum / bg_cnt.clamp(min=1)[:, None], 1 - s_fg)
+        diff = s_fg - s_bg
+        mean, std = diff.mean(dim=1, keepdim=True), diff.std(dim=1, correction=0, keepdim=True)
+        return torch.sigmoid((diff - mean) / (std + 1e-5))
 
     @in_fp32
     def attention(
@@ -186,127 +217,86 @@ class CAClassifier(nn.Module):
         others: list[int] | Tensor,
         table: Tensor,
         bg_threshold: float | None = None,
-        candidates: Tensor | None = None,
         bg_mse_threshold: float | None = None,
     ) -> Tensor:
         """A [h,w] for label lab of one image; emb [d,h,w] unit; others = the image's other
-        labels (empty for a single-label image, which then selects its background among
-        ``candidates`` with bg_threshold / bg_mse_threshold, default the constructor's)."""
-        with torch.no_grad():
-            x = emb.detach()
-            s_fg = self.similarity(x, lab)
-            others = torch.as_tensor(others, dtype=torch.long, device=self.bank.device)
-            if len(others):
-                bg = others[self.warm(others)]
-            else:
-                bg = self._single_label_background(
-                    x.reshape(x.shape[0], -1).T,
-                    lab,
-                    table.detach(),
-                    self.bg_threshold if bg_threshold is None else bg_threshold,
-                    self.bg_mse_threshold if bg_mse_threshold is None else bg_mse_threshold,
-                    candidates,
-                )
-            if len(bg):
-                s_bg = torch.einsum("dhw,nd->hw", x, self.bank_mean(bg).to(x.dtype)) / len(bg)
-            else:
-                s_bg = 1.0 - s_fg
-            diff = s_fg - s_bg
-            return torch.sigmoid((diff - diff.mean()) / (diff.std(correction=0) + 1e-5))
+        labels (empty for a single-label image, which then selects its background among all
+        rows of ``table`` with bg_threshold / bg_mse_threshold, default the constructor's)."""
+        labels = [torch.tensor([int(lab), *[int(o) for o in others]])]
+        pairs = label_pairs(labels, emb.device)
+        first = LabelPairs(pairs.image[:1], pairs.target[:1], pairs.label_set, pairs.counts)
+        rows = torch.arange(len(table), device=emb.device)
+        A = self.attention_of_pairs(
+            emb.detach().flatten(1)[None], first, table.detach(), rows,
+            self.bg_threshold if bg_threshold is None else bg_threshold,
+            self.bg_mse_threshold if bg_mse_threshold is None else bg_mse_threshold,
+        )  # fmt: skip
+        return A.view(emb.shape[1:])
 
     @in_fp32
     def loss(
         self,
         emb: Tensor,
-        labels: list[Tensor],
+        labels: list[Tensor] | LabelPairs,
         table: Tensor,
         scale: float,
         k: int | None = None,
         bg_threshold: float | None = None,
-        candidates: Tensor | None = None,
+        rows: Tensor | None = None,
         bg_mse_threshold: float | None = None,
     ) -> Tensor:
-        """CA loss over every (image, label) pair, then enqueue this batch.
+        """CA loss over every (image, label) pair, scored against the bank as it is (pure).
 
         Args:
             emb: x [B,d,h,w] unit embeddings at the feature grid (with gradient).
-            labels: B LongTensors of unique rows (global ids).
-            table: mu [C,d], the full table (the bank is indexed by its rows).
+            labels: B LongTensors of unique rows of ``table`` (or their ``label_pairs``).
+            table: mu_s [R,d], the source's rows: the only rows that can be single-label
+                background classes or negatives of the pooled CE.
             scale: s.
-            k: negatives of the pooled CE: the target plus its k nearest candidate rows outside
-                the label set (None = all of them; too many at 21K classes).
+            k: negatives of the pooled CE: the target plus its k nearest rows outside the label
+                set (None = all of them; too many at 21K classes).
             bg_threshold: single-label background threshold for this batch's source
                 (LarvSeg: 0.35 for ImageNet); None = the one given at construction.
-            candidates: LongTensor of global rows of this batch's source: the only rows that can
-                be single-label background classes or negatives of the pooled CE (None = all).
-                Every label must be among them.
+            rows: LongTensor [R], the bank class of each row of ``table`` (the source's
+                vocabulary rows); None = table is the full table (rows 0..C-1).
             bg_mse_threshold: the MSE filter's threshold for this source (reference ImageNet
                 config: 2.0); None = the one given at construction.
         Returns:
-            scalar: mean over pairs, cold pairs count 0; 0 (with grad) when nothing is warm.
+            scalar: mean over pairs, cold pairs count 0; 0 (with grad) when there is no pair.
         """
-        if emb.dim() != 4 or len(labels) != emb.shape[0]:
-            raise ValueError(
-                f"CAClassifier.loss needs emb [B,d,h,w] and B label tensors, got "
-                f"{tuple(emb.shape)} and {len(labels)}"
-            )
-        pairs = [(b, int(lab)) for b, L in enumerate(labels) for lab in L.reshape(-1).tolist()]
-        for b, lab in pairs:
-            if not 0 <= lab < self.num_classes:
-                raise ValueError(f"image {b}: label {lab} outside [0, {self.num_classes})")
-        local = None
-        if candidates is not None:
-            candidates = candidates.reshape(-1).to(table.device).long()
-            if len(candidates) and (
-                int(candidates.min()) < 0 or int(candidates.max()) >= len(table)
-            ):
-                raise ValueError(f"candidates outside the table's rows [0, {len(table)})")
-            local = torch.full((len(table),), -1, dtype=torch.long, device=table.device)
-            local[candidates] = torch.arange(len(candidates), device=table.device)
-            missing = [lab for _, lab in pairs if int(local[lab]) < 0]
-            if missing:
-                raise ValueError(f"labels {sorted(set(missing))} are not among the candidates")
-        if not pairs:
-            # still take part in the all-gather: the other processes may have pairs to push
-            self._push(emb.new_zeros(0, emb.shape[1]), torch.zeros(0, dtype=torch.long))
+        pairs = self._pairs(emb, labels)
+        if pairs.num == 0:
             return zero_with_grad(emb, table)
-        cls = torch.tensor([lab for _, lab in pairs], device=emb.device)
-        warm = self.warm(cls).tolist()
-        pooled, target, excluded = [], [], []
-        for (b, lab), is_warm in zip(pairs, warm):
-            if not is_warm:
-                continue
-            L = labels[b].reshape(-1).to(emb.device)
-            A = self.attention(
-                emb[b], lab, L[L != lab], table, bg_threshold, candidates, bg_mse_threshold
-            )
-            pooled.append((emb[b] * A).mean(dim=(1, 2)))
-            target.append(lab)
-            excluded.append(L)
-        if pooled:
-            tgt = torch.tensor(target, device=table.device)
-            if local is None:
-                rows_table = table
-            else:  # restrict to the source's rows: local ids into table[candidates]
-                rows_table = table[candidates]
-                tgt = local[tgt]
-                excluded = [local[L.to(table.device)] for L in excluded]
-                excluded = [e[e >= 0] for e in excluded]
-            per_pair = pooled_ce(torch.stack(pooled), tgt, excluded, rows_table, scale, k=k)
-            out = per_pair.sum() / len(pairs)
-        else:
-            out = zero_with_grad(emb, table)
-        # enqueue after scoring: the score above used the bank before this batch
+        rows = torch.arange(len(table), device=emb.device) if rows is None else rows
+        rows = rows.to(self.bank.device)
+        x = emb[pairs.image].flatten(2)  # [P,d,Q]
         with torch.no_grad():
-            mu = table.detach()
-            slots = [
-                self._slot_mean(
-                    emb[b], torch.einsum("dhw,d->hw", emb[b].detach(), mu[lab].to(emb.dtype))
-                )
-                for b, lab in pairs
-            ]
-            self._push(torch.stack(slots), cls)
-        return out
+            A = self.attention_of_pairs(
+                x.detach(), pairs, table.detach(), rows,
+                self.bg_threshold if bg_threshold is None else bg_threshold,
+                self.bg_mse_threshold if bg_mse_threshold is None else bg_mse_threshold,
+            )  # fmt: skip
+        pooled = (x * A[:, None, :]).mean(dim=2)
+        per_pair = pooled_ce(pooled, pairs.target, pairs.excluded(), table, scale, k=k)
+        warm = self.warm(rows[pairs.target])
+        return torch.where(warm, per_pair, 0.0).sum() / pairs.num
+
+    @in_fp32
+    def pending(
+        self,
+        emb: Tensor,
+        labels: list[Tensor] | LabelPairs,
+        table: Tensor,
+        rows: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """What this batch would push, one slot per (image, label) pair: (slots [P,d], bank
+        classes [P]); each slot from the image's topk pixels by detached score x . mu_l.
+        Arguments as for ``loss``."""
+        pairs = self._pairs(emb, labels)
+        rows = torch.arange(len(table), device=emb.device) if rows is None else rows
+        x = emb.detach()[pairs.image]
+        score = torch.einsum("pdhw,pd->phw", x, table.detach()[pairs.target].to(x.dtype))
+        return self.slots(x, score), rows.to(pairs.target.device)[pairs.target]
 
 
 def _all_gather_padded(slots: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:

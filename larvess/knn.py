@@ -1,13 +1,14 @@
-"""Exact maximum-inner-product k-nearest-neighbour search (no gradient), and the helpers every
-loss shares: fp32 math under autocast, and chunk sizes taken from the device.
+"""Exact maximum-inner-product k-nearest-neighbour search (no gradient), and the rules every
+caller of it shares: how many negatives a target gets (``num_negatives``) and how its own row is
+dropped from a search (``drop_target``).
 
 For unit vectors the largest inner product is the smallest L2 distance, so this is the search
 ESS needs (eq. 6) for pixels against the class table, and for the table against itself (eq. 7).
 
 Backends:
-    "torch": blocked matmul + running top-k. One block of scores is ``block_elems`` elements:
-             ``_BLOCK_ELEMS`` (16 MiB) on the CPU; on CUDA a fraction of the device's free
-             memory, so a GPU step issues a handful of matmuls instead of thousands.
+    "torch": blocked matmul + running top-k. One block of scores is ``block_elems`` elements
+             (numerics.py): ``_BLOCK_ELEMS`` (16 MiB) on the CPU; on CUDA a fraction of the
+             device's free memory, so a GPU step issues a handful of matmuls, not thousands.
     "faiss": ``IndexFlatIP`` (exact). On CUDA tensors a ``GpuIndexFlatIP`` when the faiss build
              has GPU support; else it falls back to "torch" with a warning (a host round trip
              through a CPU index is never faster than the GPU matmul). The index objects (and the
@@ -15,33 +16,23 @@ Backends:
              table changes every step.
     "auto":  the faster of the two for the device and size (see ``_pick_backend``).
 
-Precision. ``in_fp32`` (a decorator) / ``fp32_math`` (a context) turn autocast off for the
-tensors' device types and cast float16/bfloat16 inputs to float32; float64 stays float64.
-Every public loss in losses.py, ca_classifier.py and pc2seg.py and ``search`` itself run under
-it: under bf16 autocast the top-k of bf16 scores changes a sizeable share of neighbour sets
-(bf16 keeps 8 mantissa bits; cosines of nearby classes differ by less than that). The helper
-lives here, the lowest module, so that losses.py (which re-exports it) can import it.
+The search runs in fp32 even under autocast (``numerics.in_fp32``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["search", "available_backends", "block_elems", "in_fp32", "fp32_math"]
+from larvess.numerics import block_elems, in_fp32
+
+__all__ = ["search", "available_backends", "num_negatives", "drop_target"]
 
 # One block of scores on the CPU: 2**22 floats = 16 MiB in float32. Big enough that the matmul
 # dominates the per-block overhead, small enough to be negligible next to a batch's activations.
 _BLOCK_ELEMS = 1 << 22
-# On CUDA: this fraction of the free memory for one block (scores of the search; the gather
-# chunks in losses.py take their own fraction). Never above 2**31 - 1 elements (int32 indexing
-# limits of some kernels).
-_GPU_FRACTION = 0.25
-_MAX_ELEMS = (1 << 31) - 1
 
 try:  # faiss is a project dependency, but keep the torch path usable without it
     import faiss  # type: ignore
@@ -57,60 +48,23 @@ _GPU_RES = None  # faiss.StandardGpuResources, created once
 _INDEXES: dict = {}  # (device, d) -> resident faiss index, reset and re-filled every call
 _WARNED: set = set()
 
-_LOW = (torch.float16, torch.bfloat16)
+
+# ---- the rules every caller shares -----------------------------------------------------------
+def num_negatives(k: int, num_rows: int) -> int:
+    """Negatives of one target among ``num_rows`` rows: k, at most every other row (C-1). With
+    k >= C-1 a sampled CE over them is exactly the full-softmax CE."""
+    return max(0, min(k, num_rows - 1))
 
 
-# ---- fp32 math -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def fp32_math(*tensors: object):
-    """Autocast off for "cpu" and for the device types of ``tensors`` (non-tensors ignored)."""
-    types = {"cpu"} | {t.device.type for t in tensors if isinstance(t, Tensor)}
-    with contextlib.ExitStack() as stack:
-        for dev in sorted(types):
-            try:
-                stack.enter_context(torch.autocast(dev, enabled=False))
-            except (RuntimeError, ValueError):  # a device type autocast does not know
-                pass
-        yield
+def drop_target(cand: Tensor, target: Tensor) -> Tensor:
+    """[N,k+1] candidate rows (best first), [N] targets -> [N,k]: each row without its target,
+    or without its last (farthest) candidate when the target is not among them.
 
-
-def _fp32(t: object) -> object:
-    return t.float() if isinstance(t, Tensor) and t.dtype in _LOW else t
-
-
-def in_fp32(fn):
-    """Decorator: run ``fn`` with autocast off and float16/bfloat16 tensor arguments cast to
-    float32 (the cast is differentiable: gradients reach the low-precision inputs)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with fp32_math(*args, *kwargs.values()):
-            return fn(*map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()})
-
-    return wrapper
-
-
-# ---- chunk sizes from the device -------------------------------------------------------------
-def free_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device, counting PyTorch's cached-but-unused blocks; None off CUDA."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(free) + max(0, int(cached))
-
-
-def block_elems(
-    device: torch.device, cpu_elems: int, fraction: float = _GPU_FRACTION, elem_bytes: int = 4
-) -> int:
-    """Elements one temporary block may hold: ``cpu_elems`` off CUDA; on CUDA ``fraction`` of
-    the free memory (``free_bytes``) in ``elem_bytes`` units, at least ``cpu_elems`` and at most
-    2**31 - 1."""
-    free = free_bytes(device)
-    if free is None:
-        return cpu_elems
-    return int(min(_MAX_ELEMS, max(cpu_elems, int(fraction * free) // max(1, elem_bytes))))
+    A stable sort moves the dropped entry to the end: no data-dependent shape, no host sync."""
+    drop = cand == target.to(cand.device).view(-1, 1)
+    drop[:, -1] |= ~drop.any(dim=1)
+    order = torch.sort(drop.to(torch.uint8), dim=1, stable=True).indices[:, :-1]
+    return cand.gather(1, order)
 
 
 # ---- backends --------------------------------------------------------------------------------
@@ -265,7 +219,4 @@ def search(
             idx = _search_faiss(queries, table, kk)
         if exclude is None:
             return idx
-        drop = idx == exclude.to(idx.device).view(-1, 1)
-        # rows where the excluded class is not among the k+1: drop the last (the farthest)
-        drop[:, -1] |= ~drop.any(dim=1)
-        return idx[~drop].view(N, k)
+        return drop_target(idx, exclude)

@@ -3,42 +3,90 @@
 Every logit is z_pc = s * x_p . mu_c with unit x_p and mu_c. No function here builds a tensor
 whose size is (pixels x C) or (C x C); with k given, memory is O(N k d + C d).
 
-Precision: every public loss runs under ``in_fp32`` (defined in knn.py, re-exported here):
-autocast off, float16/bfloat16 inputs cast to float32, so a bf16-autocast forward gives the
-same loss and the same negatives as an fp32 one.
+Pure functions: they read tensors and return losses; nothing here changes state.
+
+No host waits: shapes come from the host (label counts are tensor lengths), values stay on the
+device. Unlabelled pixels are masked, not cut out (a cut needs their count on the host); labels
+are checked where they enter (the readers), not here in every step.
+
+Precision: every public loss runs under ``numerics.in_fp32`` (autocast off, float16/bfloat16
+inputs cast to float32), so a bf16-autocast forward gives the same loss and the same negatives
+as an fp32 one.
 
 Per-source negatives: restrict a loss to a source's rows by passing ``table[rows]`` and local
 targets (``rows`` a LongTensor of global ids); the indexing is differentiable, so the gradient
 lands on exactly those rows of the full table.
-
-Chunks: the gather below works in chunks of ``_GATHER_ELEMS`` elements on the CPU and of a
-fraction of the free memory on CUDA (``knn.block_elems``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from larvess import knn
-from larvess.knn import fp32_math, in_fp32
+from larvess.numerics import gather_dot, in_fp32, zero_with_grad
 
 __all__ = [
-    "in_fp32",
-    "fp32_math",
+    "LabelPairs",
+    "label_pairs",
     "knn_sampled_ce",
     "margin_regularizer",
+    "nearest_rows",
     "image_level_ce",
     "pooled_ce",
     "LogitStandardizer",
-    "zero_with_grad",
 ]
 
 
-def zero_with_grad(*tensors: Tensor) -> Tensor:
-    """A scalar 0 connected to the graph of ``tensors`` (so backward() and DDP stay happy)."""
-    return sum(t.sum() for t in tensors) * 0.0
+@dataclass(frozen=True)
+class LabelPairs:
+    """Every (image, label) pair of a batch of image-level labels, as tensors.
+
+    image [P] and target [P]: the image and the label row of each pair; label_set [B,E]: each
+    image's labels padded with -1 (E = the largest label count). ``counts`` (host ints) is the
+    number of labels of each image: a shape, known without asking the device.
+    """
+
+    image: Tensor
+    target: Tensor
+    label_set: Tensor
+    counts: tuple[int, ...]
+
+    @property
+    def num(self) -> int:
+        return len(self.image)
+
+    def pair_counts(self) -> list[int]:
+        """Host ints [P]: the label count of each pair's image (from ``counts``, no sync)."""
+        return [n for n in self.counts for _ in range(n)]
+
+    def excluded(self) -> Tensor:
+        """[P,E]: the label set of each pair's image (never a negative of that pair)."""
+        return self.label_set[self.image]
+
+    def to_local(self, index: Tensor) -> LabelPairs:
+        """Map rows through ``index`` [C+1] (row -> local id, last entry -1: -1 stays -1)."""
+        return LabelPairs(self.image, index[self.target], index[self.label_set], self.counts)
+
+
+def label_pairs(labels: list[Tensor], device: torch.device | str | None = None) -> LabelPairs:
+    """B LongTensors of unique label rows -> their LabelPairs (on ``device``, default the
+    labels'). No host sync: only the tensors' lengths are read."""
+    flat = [L.reshape(-1).long() for L in labels]
+    dev = torch.device(device) if device is not None else (flat[0].device if flat else "cpu")
+    counts = tuple(len(L) for L in flat)
+    image = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor(counts, dtype=torch.long))
+    if sum(counts):
+        label_set = pad_sequence([L.to(dev) for L in flat], batch_first=True, padding_value=-1)
+        target = torch.cat(flat).to(dev)
+    else:
+        label_set = torch.full((len(flat), 0), -1, dtype=torch.long, device=dev)
+        target = torch.zeros(0, dtype=torch.long, device=dev)
+    return LabelPairs(image.to(dev), target, label_set, counts)
 
 
 class LogitStandardizer(nn.Module):
@@ -67,51 +115,6 @@ class LogitStandardizer(nn.Module):
         return self.gamma * z_hat + self.beta
 
 
-class _GatherDot(torch.autograd.Function):
-    """z[i,j] = x_i . mu[rows_ij] for x [N,d], mu [C,d], rows [N,k] -> [N,k].
-
-    Plain autograd would hold mu[rows] ([N,k,d], 8x the embeddings for k=8) and its gradient at
-    the same time; here both directions work in row chunks (``_gather_step``) and only x, mu
-    and rows are saved, so the loss adds O(N k + chunk) memory on top of the embeddings.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, mu: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(x, mu, rows)
-        step = _gather_step(x, rows.shape[1])
-        out = x.new_empty(rows.shape)
-        for i in range(0, x.shape[0], step):
-            out[i : i + step] = torch.bmm(mu[rows[i : i + step]], x[i : i + step, :, None])[..., 0]
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x, mu, rows = ctx.saved_tensors
-        step = _gather_step(x, rows.shape[1])  # sized again: free memory differs in backward
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gmu = torch.zeros_like(mu) if ctx.needs_input_grad[1] else None
-        for i in range(0, x.shape[0], step):
-            r, gi = rows[i : i + step], g[i : i + step]
-            if gx is not None:
-                gx[i : i + step] = torch.bmm(gi[:, None, :], mu[r])[:, 0]
-            if gmu is not None:
-                contrib = gi[..., None] * x[i : i + step, None, :]  # [n,k,d]
-                gmu.index_add_(0, r.reshape(-1), contrib.reshape(-1, x.shape[1]))
-        return gx, gmu, None
-
-
-# CPU chunk: 2**20 gathered elements. On CUDA each chunk takes _GATHER_FRACTION of the free
-# memory; backward holds two chunk-sized temporaries (mu[rows] and the [n,k,d] contribution).
-_GATHER_ELEMS = 1 << 20
-_GATHER_FRACTION = 0.125
-
-
-def _gather_step(x: Tensor, k: int) -> int:
-    """Rows of x per chunk so that a chunk gathers about one block of [n,k,d] elements."""
-    elems = knn.block_elems(x.device, _GATHER_ELEMS, _GATHER_FRACTION, x.element_size())
-    return max(1, elems // max(1, k * x.shape[1]))
-
-
 def _sampled_logits(
     x: Tensor,
     target: Tensor,
@@ -124,7 +127,7 @@ def _sampled_logits(
 
     neg_mask [N,k] (True = keep) turns padded negatives into -inf."""
     # one gather for target and negatives: a single [C,d] gradient buffer in backward
-    z = scale * _GatherDot.apply(x, mu, torch.cat([target[:, None], negatives], dim=1))
+    z = scale * gather_dot(x, mu, torch.cat([target[:, None], negatives], dim=1))
     if neg_mask is not None:
         keep = torch.cat([neg_mask.new_ones(neg_mask.shape[0], 1), neg_mask], dim=1)
         z = z.masked_fill(~keep, float("-inf"))
@@ -192,21 +195,16 @@ def knn_sampled_ce(
         raise ValueError(f"emb must be [N,d] or [B,d,H,W], got {tuple(emb.shape)}")
     if x.shape[1] != d:
         raise ValueError(f"emb has d={x.shape[1]} but the table has d={d}")
-    y = target.reshape(-1)
-    labelled = y != ignore_index
-    if not bool(labelled.any()):
+    k = knn.num_negatives(k, C)
+    if k == 0 or x.shape[0] == 0:  # a single class (CE is exactly 0), or no pixel
         return zero_with_grad(emb, table)
-    y_l = y[labelled]
-    if int(y_l.min()) < 0 or int(y_l.max()) >= C:
-        bad = y_l[(y_l < 0) | (y_l >= C)][0].item()
-        raise ValueError(f"target value {bad} outside the table's rows [0, {C})")
-    k = min(k, C - 1)
-    all_labelled = bool(labelled.all())  # skip an [N,d] copy in the common case
-    x_l = x if all_labelled else x[labelled]
-    if k == 0:  # a single class: CE is exactly 0
-        return zero_with_grad(x_l, table)
+    y = target.reshape(-1)
+    # unlabelled pixels are scored against row 0 and masked out of the mean: cutting them out
+    # would need their number on the host (a sync per step)
+    labelled = y != ignore_index
+    y = torch.where(labelled, y, 0)
     if grid is None:
-        neg = knn.search(x_l, table, k, backend=backend, exclude=y_l)
+        neg = knn.search(x, table, k, backend=backend, exclude=y)
     else:
         if grid.dim() != 4 or grid.shape[0] != B or grid.shape[1] != d:
             raise ValueError(f"grid must be [B={B},d={d},h,w], got {tuple(grid.shape)}")
@@ -215,15 +213,12 @@ def knn_sampled_ce(
         cand = knn.search(cells, table, k + 1, backend=backend)  # [B*h*w, k+1]
         cell = _cell_of_pixel((h, w), (H, W), emb.device)
         cell = cell.view(1, H * W) + (h * w) * torch.arange(B, device=emb.device)[:, None]
-        cell = cell.reshape(-1) if all_labelled else cell.reshape(-1)[labelled]
-        cand = cand[cell]  # [n, k+1]
-        drop = cand == y_l[:, None]
-        drop[:, -1] |= ~drop.any(dim=1)
-        neg = cand[~drop].view(-1, k)
-    logits = _sampled_logits(x_l, y_l, neg, table, scale)
+        neg = knn.drop_target(cand[cell.reshape(-1)], y)
+    logits = _sampled_logits(x, y, neg, table, scale)
     if logit_norm is not None:
-        logits = logit_norm(x_l, logits, table, scale)
-    return _ce_target_first(logits).mean()
+        logits = logit_norm(x, logits, table, scale)
+    w = labelled.to(logits.dtype)
+    return (_ce_target_first(logits) * w).sum() / w.sum().clamp(min=1.0)
 
 
 @in_fp32
@@ -258,7 +253,7 @@ def nearest_rows(table: Tensor, backend: str = "auto") -> Tensor:
 def pooled_ce(
     pooled: Tensor,
     target: Tensor,
-    excluded: list[Tensor],
+    excluded: Tensor,
     table: Tensor,
     scale: float,
     k: int | None = None,
@@ -273,51 +268,40 @@ def pooled_ce(
     Args:
         pooled: [P,d] pooled (not re-normalised) embeddings.
         target: [P] target rows.
-        excluded: P LongTensors of rows never used as negatives (the image's label set L;
-            may contain the target itself).
+        excluded: [P,E] rows never used as negatives, -1 padded (the image's label set L; may
+            contain the target itself).
         table: mu [C,d].
     Returns:
         [P] per-pair losses.
     """
     C = table.shape[0]
-    P = pooled.shape[0]
-    dev = pooled.device
-    n_ex = torch.tensor([len(e) for e in excluded], device=dev)
-    ex_pad = torch.full((P, max(1, int(n_ex.max()) if P else 1)), -1, dtype=torch.long, device=dev)
-    for i, e in enumerate(excluded):
-        ex_pad[i, : len(e)] = e.to(dev)
+    P, E = excluded.shape
+    valid = excluded >= 0
     if k is None:
         z = scale * pooled @ table.T  # [P,C]: a few pairs x C, never pixels x C
-        mask = torch.zeros(P, C, dtype=torch.bool, device=dev)
-        rows = torch.arange(P, device=dev)[:, None].expand_as(ex_pad)
-        valid = ex_pad >= 0
-        mask[rows[valid], ex_pad[valid]] = True
-        mask[torch.arange(P, device=dev), target] = True  # the target goes first, not twice
+        barred = torch.zeros(P, C + 1, dtype=torch.bool, device=pooled.device)
+        barred.scatter_(1, torch.where(valid, excluded, C), True)  # padding lands in column C
+        barred = barred[:, :C].scatter(1, target[:, None], True)  # the target goes first
         z_t = scale * (pooled * table[target]).sum(dim=1, keepdim=True)
-        logits = torch.cat([z_t, z.masked_fill(mask, float("-inf"))], dim=1)
-        return _ce_target_first(logits)
-    # the target is a negative for nobody: count it among the excluded when it is not listed
-    in_ex = (ex_pad == target[:, None]).any(dim=1).logical_not().long()
-    n_block = n_ex + in_ex  # rows barred from the negatives, target included
-    n_neg = torch.clamp(C - n_block, max=k)
-    K = int(n_neg.max())
-    if K == 0:
+        return _ce_target_first(torch.cat([z_t, z.masked_fill(barred, float("-inf"))], dim=1))
+    K = knn.num_negatives(k, C)
+    if K == 0 or P == 0:
         return _ce_target_first(scale * (pooled * table[target]).sum(dim=1, keepdim=True))
-    kk = min(C, K + int(n_block.max()))
-    cand = knn.search(pooled.detach(), table, kk, backend=backend)  # [P,kk]
-    barred = (cand[:, :, None] == ex_pad[:, None, :]).any(dim=2) | (cand == target[:, None])
-    # stable sort puts the allowed candidates first, nearest first
+    # enough candidates that K of them lie outside the label set and the target
+    cand = knn.search(pooled.detach(), table, min(C, K + E + 1), backend=backend)  # [P,kk]
+    barred = (cand[:, :, None] == torch.where(valid, excluded, -1)[:, None, :]).any(dim=2)
+    barred |= cand == target[:, None]
+    # stable sort puts the allowed candidates first, nearest first; barred ones left are masked
     order = torch.sort(barred.to(torch.uint8), dim=1, stable=True).indices[:, :K]
-    neg = cand.gather(1, order)
-    keep = torch.arange(K, device=dev)[None, :] < n_neg[:, None]
-    logits = _sampled_logits(pooled, target, neg, table, scale, neg_mask=keep)
+    keep = ~barred.gather(1, order)
+    logits = _sampled_logits(pooled, target, cand.gather(1, order), table, scale, neg_mask=keep)
     return _ce_target_first(logits)
 
 
 @in_fp32
 def image_level_ce(
     emb: Tensor,
-    labels: list[Tensor],
+    labels: list[Tensor] | LabelPairs,
     table: Tensor,
     scale: float,
     k: int | None = None,
@@ -331,29 +315,19 @@ def image_level_ce(
 
     Args:
         emb: x [B,d,h,w] unit-norm embeddings (any resolution; pooling is a mean).
-        labels: B LongTensors of unique rows (an empty one contributes no pair).
+        labels: B LongTensors of unique rows of ``table`` (an empty one contributes no pair),
+            or their ``label_pairs``.
         table: mu [C,d].
     Returns:
         scalar; 0 (connected to the graph) when there is no pair.
     """
-    if emb.dim() != 4 or len(labels) != emb.shape[0]:
+    pairs = labels if isinstance(labels, LabelPairs) else label_pairs(labels, emb.device)
+    if emb.dim() != 4 or len(pairs.counts) != emb.shape[0]:
         raise ValueError(
             f"image_level_ce needs emb [B,d,h,w] and B label tensors, got {tuple(emb.shape)} "
-            f"and {len(labels)}"
+            f"and {len(pairs.counts)}"
         )
-    C = table.shape[0]
-    pooled_b = emb.mean(dim=(2, 3))  # [B,d]
-    img, tgt, excl = [], [], []
-    for b, L in enumerate(labels):
-        L = L.reshape(-1).to(emb.device)
-        if len(L) and (int(L.min()) < 0 or int(L.max()) >= C):
-            raise ValueError(f"image {b}: label {L.tolist()} outside the table's rows [0, {C})")
-        for lab in L:
-            img.append(b)
-            tgt.append(lab)
-            excl.append(L)
-    if not img:
+    if pairs.num == 0:
         return zero_with_grad(emb, table)
-    idx = torch.tensor(img, device=emb.device)
-    target = torch.stack(tgt)
-    return pooled_ce(pooled_b[idx], target, excl, table, scale, k=k, backend=backend).mean()
+    pooled = emb.mean(dim=(2, 3))[pairs.image]  # [P,d]
+    return pooled_ce(pooled, pairs.target, pairs.excluded(), table, scale, k, backend).mean()

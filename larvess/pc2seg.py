@@ -30,7 +30,7 @@ papers/); the recipe should set it explicitly. Projection: the paper applies the
 embeddings the caller passes (larvess: the d-dim pixel embeddings).
 
 The sampling is a separate function taking a ``torch.Generator`` so that a test can redraw the
-same negatives; the loss gathers negatives in chunks (losses._GatherDot), never an [N, N] matrix.
+same negatives; the loss gathers negatives in chunks (numerics.gather_dot), never an [N, N] matrix.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from larvess import knn
-from larvess.losses import _GatherDot, in_fp32, zero_with_grad
+from larvess.numerics import gather_dot, in_fp32, zero_with_grad
 
 __all__ = [
     "PC2SEG_NEGATIVES",
@@ -156,7 +156,7 @@ def pixel_contrastive_loss(
     if M == 0 or not bool(ok.any()):
         return zero_with_grad(x1, x2)
     pos = (a * p).sum(dim=1, keepdim=True) / tau  # [M,1]
-    neg = _GatherDot.apply(a, p, idx.to(x1.device)) / tau  # [M,K]: x1_i . x2_j
+    neg = gather_dot(a, p, idx.to(x1.device)) / tau  # [M,K]: x1_i . x2_j
     logits = torch.cat([pos, neg], dim=1)
     per_anchor = torch.logsumexp(logits, dim=1) - logits[:, 0]
     return per_anchor[ok.to(x1.device)].mean()

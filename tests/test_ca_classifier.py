@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from larvess import knn
-from larvess.ca_background import standardised_mse, top_score_mean
+from larvess import numerics
+from larvess.ca_background import background_scores, standardised_mse, top_score_mean
 from larvess.ca_classifier import CAClassifier
 
 S = 40.0
@@ -52,14 +52,14 @@ def test_fifo_replacement_order_and_batched_push_equals_sequential():
     slots = torch.arange(1.0, 15.0).view(7, 2)
     classes = torch.tensor([1, 1, 3, 1, 1, 1, 3])
     for s, c in zip(slots, classes):
-        seq._push(s[None], c[None])
+        seq.push(s[None], c[None])
     # class 1 got pushes 0,1,3,4,5: slots after 5 writes into 3 places: [p3, p4, p5]? no:
     # write order pos 0,1,2,0,1 -> [p3(push idx 4), p4(idx 5), p2(idx 3)]
     assert torch.equal(seq.bank[1], slots[[4, 5, 3]])
     assert int(seq.ptr[1]) == 2 and int(seq.count[1]) == 5
     assert torch.equal(seq.bank[3, :2], slots[[2, 6]]) and int(seq.ptr[3]) == 2
     batched = CAClassifier(4, d, bank_size=M, topk=1)
-    batched._push(slots, classes)
+    batched.push(slots, classes)
     for name in ("bank", "ptr", "count"):
         assert torch.equal(getattr(seq, name), getattr(batched, name))
     assert set(batched.state_dict()) == {"bank", "ptr", "count"}
@@ -71,18 +71,29 @@ def naive_loss(ca_before, emb, labels, mu, s):
     return naive_loss_candidates(ca_before, emb, labels, mu, s, classes, None, None, None)
 
 
-def test_loss_matches_naive_with_warm_up_and_enqueues_after_scoring():
+def test_loss_is_pure_matches_naive_with_warm_up_and_pending_equals_per_pair_enqueues():
     C, d, M = 8, 5, 2
     mu = unit(C, d, seed=1)
     ca = CAClassifier(C, d, bank_size=M, topk=3, warm_up=2)
+    seq = CAClassifier(C, d, bank_size=M, topk=3, warm_up=2)  # one enqueue per pair, in order
     labels = [torch.tensor([1, 4]), torch.tensor([4, 6]), torch.tensor([1, 4, 6])]
     for step in range(4):
         emb = unit(3, d, 4, 4, seed=10 + step, dim=1).requires_grad_(True)
-        before = CAClassifier(C, d, bank_size=M, topk=3, warm_up=2)
-        before.load_state_dict(ca.state_dict())
+        before = {k: v.clone() for k, v in ca.state_dict().items()}
         got = ca.loss(emb, labels, mu, S)
-        ref = naive_loss(before, emb, labels, mu, S)
+        ref = naive_loss(seq, emb, labels, mu, S)
         assert torch.allclose(got, ref, atol=1e-5), step
+        for k, v in ca.state_dict().items():  # the loss changed nothing
+            assert torch.equal(v, before[k]), k
+        # the state phase: what the batch pushes equals one enqueue per pair, in pair order
+        ca.push(*ca.pending(emb, labels, mu))
+        for b, L in enumerate(labels):
+            for lab in L.tolist():
+                seq.enqueue(
+                    emb[b].detach(), torch.einsum("dhw,d->hw", emb[b].detach(), mu[lab]), lab
+                )
+        for name in ("bank", "ptr", "count"):
+            assert torch.allclose(getattr(ca, name).double(), getattr(seq, name).double()), name
         # classes 1 and 6 are pushed twice per step, class 4 three times: warm (count >= 4)
         # from step 1 for 4, from step 2 for 1 and 6; nothing warm at step 0
         if step == 0:
@@ -133,7 +144,7 @@ def _bg_world():
     mem = F.normalize(torch.randn(C, d, generator=g, dtype=torch.float64), dim=1)
     mem[1], mem[2] = mem[0], -mem[0]
     for c in range(8):
-        ca._push(mem[c][None], torch.tensor([c]))
+        ca.push(mem[c][None], torch.tensor([c]))
     # pixels near a mix of classes: every class has some pixels with a high raw cosine
     x = F.normalize(
         mu[torch.arange(24) % C].T.reshape(d, 4, 6)
@@ -146,18 +157,36 @@ def _bg_world():
 @pytest.mark.parametrize("mse_threshold", [1.0, 2.0])
 def test_single_label_background_matches_the_official_rule(mse_threshold):
     ca, mu, x = _bg_world()
-    cands = [0, 1, 2, 3, 4, 5, 6, 8, 9]  # row 7 is not this source's
+    cands = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8, 9])  # row 7 is not this source's
     threshold = 0.35
-    got = ca._single_label_background(
-        x.reshape(6, -1).T, 0, mu, threshold, mse_threshold, torch.tensor(cands)
-    )
-    ref = naive_background(ca, x, 0, mu, cands, threshold, mse_threshold)
-    assert sorted(got.tolist()) == ref
+    px = x.reshape(6, -1).T
+    s_fg = ca.similarity(x, 0).reshape(1, -1)
+    total, count = background_scores(
+        px[None], s_fg, torch.tensor([0]), mu[cands], ca.bank_mean(cands), ca.warm(cands),
+        threshold, mse_threshold,
+    )  # fmt: skip
+    ref = naive_background(ca, x, 0, mu, cands.tolist(), threshold, mse_threshold)
+    assert int(count[0]) == len(ref)
+    ref_sum = sum(ca.similarity(x, c).reshape(-1) for c in ref)
+    assert torch.allclose(total[0], ref_sum, atol=1e-12)
     # the world exercises each rule: above threshold but filtered (1: same memory as the label),
     # kept (2: opposite memory), cold (8, 9) and another source's class (7) never selected
     passed = [c for c in range(10) if c != 0 and _top5(x, mu, c) > threshold]
     assert {1, 2, 7, 8, 9} <= set(passed)
     assert 2 in ref and 1 not in ref and not {7, 8, 9} & set(ref)
+    # in class chunks of one row: the same sums
+    import larvess.ca_background as cab
+
+    small = cab._SCORE_ELEMS
+    try:
+        cab._SCORE_ELEMS = 2 * px.shape[0]
+        chunked = background_scores(
+            px[None], s_fg, torch.tensor([0]), mu[cands], ca.bank_mean(cands), ca.warm(cands),
+            threshold, mse_threshold,
+        )  # fmt: skip
+    finally:
+        cab._SCORE_ELEMS = small
+    assert torch.allclose(chunked[0], total, atol=1e-12) and torch.equal(chunked[1], count)
 
 
 def _top5(x, mu, c):
@@ -215,7 +244,7 @@ def test_multi_label_attention_uses_the_other_labels():
     mu[4] = F.normalize(torch.ones(d), dim=0)
     ca = CAClassifier(C, d, bank_size=1, topk=1)
     for c in range(C):
-        ca._push(mu[c][None], torch.tensor([c]))
+        ca.push(mu[c][None], torch.tensor([c]))
     x = torch.zeros(d, 1, 4)
     x[0, 0, :2] = 1.0
     x[1, 0, 2:] = 1.0
@@ -262,7 +291,7 @@ def test_loss_with_source_candidates_and_k_matches_naive(k):
     cands = [0, 2, 3, 5, 6, 8, 9, 11]  # this source's rows
     ca = CAClassifier(C, d, bank_size=1, topk=2).double()
     for c in range(C):  # every class warm, other sources' too
-        ca._push(
+        ca.push(
             F.normalize(torch.randn(1, d, generator=g, dtype=torch.float64), dim=1),
             torch.tensor([c]),
         )
@@ -272,14 +301,17 @@ def test_loss_with_source_candidates_and_k_matches_naive(k):
     before = CAClassifier(C, d, bank_size=1, topk=2).double()
     before.load_state_dict(ca.state_dict())
     mu = F.normalize(w, dim=1)
+    rows = torch.tensor(cands)
+    local = torch.full((C + 1,), -1)
+    local[rows] = torch.arange(len(rows))
     got = ca.loss(
         emb,
-        labels,
-        mu,
+        [local[L] for L in labels],  # the source's label space
+        mu[rows],
         S,
         k=k,
         bg_threshold=0.1,
-        candidates=torch.tensor(cands),
+        rows=rows,
         bg_mse_threshold=1.0,
     )
     ref = naive_loss_candidates(before, emb, labels, mu, S, cands, k, 0.1, 1.0)
@@ -290,8 +322,6 @@ def test_loss_with_source_candidates_and_k_matches_naive(k):
         assert torch.allclose(a, b, atol=1e-9)
     others = [c for c in range(C) if c not in cands]
     assert torch.all(ga[1][others] == 0)  # other sources' rows: never negatives
-    with pytest.raises(ValueError, match="not among the candidates"):
-        ca.loss(emb, [torch.tensor([1])] * 3, mu, S, candidates=torch.tensor(cands))
 
 
 def test_ca_loss_under_bf16_autocast_equals_fp32(monkeypatch):
@@ -309,7 +339,9 @@ def test_ca_loss_under_bf16_autocast_equals_fp32(monkeypatch):
             e = e.clone().requires_grad_(True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 out = ca.loss(e, labels, mu, S, k=5)
+                pending = ca.pending(e, labels, mu)
             outs.append((out.detach(), torch.autograd.grad(out, e)[0]))
+            ca.push(*pending)
         return outs, ca.bank.clone()
 
     ref, bank_ref = run(False)
@@ -330,8 +362,8 @@ def test_ca_loss_under_bf16_autocast_equals_fp32(monkeypatch):
     assert torch.equal(a.bank, b.bank) and sim16.dtype == torch.float32
     assert torch.allclose(sim16, a.similarity(e16.float(), 3), rtol=1e-6, atol=1e-7)
     # without the fp32 guard (in_fp32 made a no-op) the same steps give another loss
-    monkeypatch.setattr(knn, "fp32_math", lambda *a: contextlib.nullcontext())
-    monkeypatch.setattr(knn, "_fp32", lambda t: t)
+    monkeypatch.setattr(numerics, "fp32_math", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(numerics, "_fp32", lambda t: t)
     unguarded, _ = run(True)
     assert (unguarded[-1][0] - ref[-1][0]).abs() > 1e-4
 
@@ -355,11 +387,14 @@ def _worker(rank, port, out_dir):
             emb = F.normalize(torch.randn(2 + rank, 4, 3, 3, generator=g), dim=1)
             labels = [torch.tensor([rank, 3]), torch.tensor([5])] + [torch.tensor([1])] * rank
             ca.loss(emb, labels, mu, S)
+            ca.push(*ca.pending(emb, labels, mu))
         # a batch without any label on rank 0 (an all-ignore weak crop) must still join the
         # all-gather of rank 1's pushes
         emb = F.normalize(torch.randn(2 + rank, 4, 3, 3, generator=g), dim=1)
         empty = [torch.zeros(0, dtype=torch.long)] * 2
-        ca.loss(emb, empty if rank == 0 else labels, mu, S)
+        batch = empty if rank == 0 else labels
+        ca.loss(emb, batch, mu, S)
+        ca.push(*ca.pending(emb, batch, mu))
         ca.enqueue(torch.randn(4, 3, 3, generator=g), torch.randn(3, 3, generator=g), rank)
         torch.save(ca.state_dict(), os.path.join(out_dir, f"bank{rank}.pt"))
     finally:

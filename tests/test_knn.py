@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from larvess import knn
+from larvess import knn, numerics
 
 
 def brute_force(queries, table, k, exclude=None):
@@ -80,35 +80,6 @@ def test_bad_k_is_a_clear_error():
 
 
 # ---- chunk sizes from the device -------------------------------------------------------------
-def _fake_cuda(monkeypatch, free, reserved=0, allocated=0):
-    calls = []
-
-    def mem_get_info(device=None):
-        calls.append(device)
-        return free, 80 << 30
-
-    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
-    return calls
-
-
-def test_block_elems_is_a_fraction_of_free_cuda_memory(monkeypatch):
-    gpu = torch.device("cuda", 0)
-    calls = _fake_cuda(monkeypatch, free=8 << 30, reserved=3 << 30, allocated=1 << 30)
-    # free counts the allocator's cached-but-unused blocks: 8 + (3 - 1) = 10 GiB
-    assert knn.free_bytes(gpu) == 10 << 30
-    assert knn.block_elems(gpu, 1 << 22, fraction=0.25, elem_bytes=4) == (10 << 30) // 16
-    assert knn.block_elems(gpu, 1 << 22, fraction=0.25, elem_bytes=8) == (10 << 30) // 32
-    _fake_cuda(monkeypatch, free=1 << 20)  # almost full device: never below the CPU size
-    assert knn.block_elems(gpu, 1 << 22) == 1 << 22
-    _fake_cuda(monkeypatch, free=1 << 45)  # huge: capped at 2**31 - 1 elements
-    assert knn.block_elems(gpu, 1 << 22) == (1 << 31) - 1
-    # on the CPU the constant, without asking CUDA anything
-    calls.clear()
-    assert knn.block_elems(torch.device("cpu"), 12345) == 12345 and calls == []
-
-
 def test_search_plan_issues_a_handful_of_blocks_on_a_gpu(monkeypatch):
     # c171_i21k: ~2M labelled pixels against 21,841 rows, k+1 = 9
     N, C, k = 2_000_000, 21_841, 9
@@ -119,14 +90,14 @@ def test_search_plan_issues_a_handful_of_blocks_on_a_gpu(monkeypatch):
         return -(-N // q) * -(-C // c)
 
     assert n_blocks(knn._BLOCK_ELEMS) > 10_000  # the CPU constant: ~11K matmul + topk calls
-    _fake_cuda(monkeypatch, free=60 << 30)  # an H100 with 60 GiB free
-    gpu_block = knn.block_elems(torch.device("cuda"), knn._BLOCK_ELEMS, elem_bytes=4)
+    monkeypatch.setattr(numerics, "free_bytes", lambda device: 60 << 30)  # an H100, 60 GiB free
+    gpu_block = numerics.block_elems(torch.device("cuda"), knn._BLOCK_ELEMS, elem_bytes=4)
     assert n_blocks(gpu_block) <= 32
 
 
 def test_torch_search_takes_its_block_from_the_device(monkeypatch):
     # pretend the CPU were a device with 4000 free bytes: block = 0.25 * 4000 / 8 (float64)
-    monkeypatch.setattr(knn, "free_bytes", lambda device: 4000)
+    monkeypatch.setattr(numerics, "free_bytes", lambda device: 4000)
     monkeypatch.setattr(knn, "_BLOCK_ELEMS", 16)
     seen = []
     plan = knn._search_plan

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from larvess import knn
+from larvess import knn, numerics
 from larvess.pc2seg import (
     PC2SEG_NEGATIVES,
     pixel_contrastive_loss,
@@ -141,8 +141,8 @@ def test_under_bf16_autocast_equals_fp32(monkeypatch):
     assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
     for a, b in zip(got_g, ref_g):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-    monkeypatch.setattr(knn, "fp32_math", lambda *a: contextlib.nullcontext())
-    monkeypatch.setattr(knn, "_fp32", lambda t: t)
+    monkeypatch.setattr(numerics, "fp32_math", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(numerics, "_fp32", lambda t: t)
     unguarded, _ = run(True)
     assert (unguarded - ref).abs() > 1e-4  # guarded: < 1e-6
 
