@@ -198,7 +198,7 @@ class CAClassifier(nn.Module):
         bg_cnt = on.sum(dim=1)
         single = [i for i, n in enumerate(pairs.pair_counts()) if n == 1]  # host ints
         if single:  # single-label images: the reference's threshold + MSE rule
-            idx = torch.tensor(single, device=x.device)
+            idx = torch.tensor(single).to(x.device, non_blocking=True)
             s_sum, s_cnt = background_scores(
                 x[idx].transpose(1, 2), s_fg[idx], pairs.target[idx], table, means, warm,
                 bg_threshold, bg_mse_threshold, self.bg_topk,

@@ -79,14 +79,15 @@ def label_pairs(labels: list[Tensor], device: torch.device | str | None = None) 
     flat = [L.reshape(-1).long() for L in labels]
     dev = torch.device(device) if device is not None else (flat[0].device if flat else "cpu")
     counts = tuple(len(L) for L in flat)
-    image = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor(counts, dtype=torch.long))
+    # built on the host from host ints, copied without waiting
+    image = torch.tensor([b for b, n in enumerate(counts) for _ in range(n)], dtype=torch.long)
     if sum(counts):
         label_set = pad_sequence([L.to(dev) for L in flat], batch_first=True, padding_value=-1)
         target = torch.cat(flat).to(dev)
     else:
         label_set = torch.full((len(flat), 0), -1, dtype=torch.long, device=dev)
         target = torch.zeros(0, dtype=torch.long, device=dev)
-    return LabelPairs(image.to(dev), target, label_set, counts)
+    return LabelPairs(image.to(dev, non_blocking=True), target, label_set, counts)
 
 
 class LogitStandardizer(nn.Module):

@@ -5,8 +5,10 @@ image-level CE + CA on an image-label source, margin), backward, SGD step, exact
 larvess.engine composes them. The mask source has 171 classes (COCO-Stuff); the image source
 holds the rest of the vocabulary (C - 171 rows: ImageNet-like), negatives from each source's
 own rows. Side by side for C = 171 (+ a 171-class image source), 21,841 and 100,000; time per step
-(median of the timed steps after warm-up) and peak memory (CUDA: max_memory_allocated; CPU: the
-rise of ru_maxrss in a fresh subprocess per row).
+(median of the timed steps after warm-up), peak memory (CUDA: max_memory_allocated; CPU: the
+rise of ru_maxrss in a fresh subprocess per row) and the host's waits on the device per step
+(larvess.syncs: calls such as .item() or mask indexing made by project code; on a GPU each one
+stops the host from running ahead).
 
     python scripts/bench_step.py                      # CPU proxy: ViT-tiny at 128 px
     python scripts/bench_step.py --real               # ViT-B/16 at the real crops (512 / 320)
@@ -31,9 +33,10 @@ import torch
 from larvess.build import param_groups
 from larvess.ca_classifier import CAClassifier
 from larvess.config import LossConfig, OptimConfig, SourceConfig
-from larvess.engine import compute_losses
 from larvess.losses import nearest_rows
 from larvess.model import ClassTable, Segmenter
+from larvess.objective import compute_losses, make_sources
+from larvess.syncs import count_syncs
 
 MASK_CLASSES = 171
 
@@ -58,7 +61,8 @@ def one_row(args: argparse.Namespace, num_classes: int) -> dict:
     ]  # fmt: skip
     img_rows = torch.arange(MASK_CLASSES, num_classes) if num_classes > MASK_CLASSES else None
     img_rows = img_rows if img_rows is not None else torch.arange(num_classes)
-    rows = [torch.arange(MASK_CLASSES, device=dev), img_rows.to(dev)]
+    rows = [torch.arange(MASK_CLASSES), img_rows]
+    sources = make_sources(sources, rows, num_classes, lo, dev)
     g = torch.Generator().manual_seed(1)
 
     def batches() -> list[dict]:
@@ -73,7 +77,7 @@ def one_row(args: argparse.Namespace, num_classes: int) -> dict:
         ]  # fmt: skip
 
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-    times, nearest = [], None
+    times, nearest, syncs = [], None, []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
@@ -81,26 +85,31 @@ def one_row(args: argparse.Namespace, num_classes: int) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if step % lo.margin_refresh == 0:  # as engine.train: L_r's O(C^2 d) neighbour search
-            with torch.no_grad():
-                nearest = nearest_rows(table(), lo.knn_backend)
-        with amp if amp else torch.autocast("cpu", enabled=False):
-            xs = [seg(b["image"]).float() for b in bl]
-            mu = table().float()
-            terms = compute_losses(xs, mu, bl, sources, rows, ca, lo, margin_nearest=nearest)
-        terms["total"].backward()
-        opt.step()
+        with count_syncs() as counts:
+            opt.zero_grad(set_to_none=True)
+            if step % lo.margin_refresh == 0:  # as engine.train: L_r's O(C^2 d) search
+                with torch.no_grad():
+                    nearest = nearest_rows(table(), lo.knn_backend)
+            with amp if amp else torch.autocast("cpu", enabled=False):
+                xs = [seg(b["image"]).float() for b in bl]
+                mu = table().float()
+                out = compute_losses(xs, mu, bl, sources, lo, ca=ca, margin_nearest=nearest)
+            out.terms["total"].backward()
+            opt.step()
+            ca.push(*out.pushes)  # the state phase of an applied step
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            syncs.append(sum(counts.values()))
+    terms = out.terms
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
     return {"classes": num_classes, "step_s": statistics.median(times), "peak_mib": peak,
             "images_per_s": 2 * args.batch / statistics.median(times), "device": str(dev),
             "backbone": backbone, "mask_crop": mask_crop, "image_crop": img_crop,
             "batch_per_source": args.batch, "margin_refresh": lo.margin_refresh,
+            "syncs_per_step": statistics.mean(syncs), "sync_sites": dict(counts),
             "loss": float(terms["total"].detach())}  # fmt: skip
 
 
@@ -155,14 +164,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{base['image_crop']}, {base['batch_per_source']} + {base['batch_per_source']} "
           f"images, {base['device']})")  # fmt: skip
     print(f"{'classes':>8} {'L_r every':>9} {'step s':>8} {'img/s':>7} {'peak MiB':>9} "
-          f"{'time x':>7} {'mem x':>6}")  # fmt: skip
+          f"{'time x':>7} {'mem x':>6} {'syncs':>6}")  # fmt: skip
     for r in rows:  # ratios against the 171-class row with the same refresh
         ref = next(b for b in rows if b["margin_refresh"] == r["margin_refresh"])
         r["time_ratio"] = r["step_s"] / ref["step_s"]
         r["memory_ratio"] = r["peak_mib"] / ref["peak_mib"]
         print(f"{r['classes']:>8} {r['margin_refresh']:>9} {r['step_s']:>8.3f} "
               f"{r['images_per_s']:>7.1f} {r['peak_mib']:>9.1f} {r['time_ratio']:>7.2f} "
-              f"{r['memory_ratio']:>6.2f}")  # fmt: skip
+              f"{r['memory_ratio']:>6.2f} {r['syncs_per_step']:>6.1f}")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_step.json").write_text(json.dumps(rows, indent=1))
