@@ -13,7 +13,22 @@ from pathlib import Path
 
 # labels.txt ids of the real COCO-Stuff file that never occur in the data (PNG value = id - 1)
 COCO_STUFF_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)
-WNID = re.compile(r"^n\d{8}$")
+WNID = re.compile(r"^n\d{8}$")  # a WordNet noun synset id: 'n' + the 8-digit offset
+_SUFFIXES = (" other", " stuff", " merged")
+
+
+def normalize_name(name: str) -> str:
+    """Matching key of a class name, the one rule every name comparison uses: lower case,
+    '_' / '-' -> space, runs of spaces collapsed, trailing " other" / " stuff" / " merged"
+    removed repeatedly ("Wall-Other-Merged" -> "wall"; "other" alone stays)."""
+    s = " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+    stripped = True
+    while stripped:
+        stripped = False
+        for suf in _SUFFIXES:
+            if s.endswith(suf) and len(s) > len(suf):
+                s, stripped = s[: -len(suf)].rstrip(), True
+    return s
 
 
 def _split_synonyms(text: str) -> list[str]:

@@ -19,9 +19,10 @@ from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
-from larvess.names import WNID, read_names_file, read_synset_lemmas
+from larvess.hierarchy import Hierarchy, shipped_hierarchy
+from larvess.meta import META
+from larvess.names import WNID, normalize_name, read_names_file, read_synset_lemmas
 
-META = Path(__file__).resolve().parent / "meta"
 HEADER = "index\tname\twnids\tdefinition"
 DATASETS = ("coco_stuff171", "ade150", "ade847")
 _MAPPING = {
@@ -36,6 +37,9 @@ _NAMES = {
 }
 # the I124 / I585-style lists: the ImageNet-21K synsets of the ADE-150 / ADE-847 classes
 SYNSET_LISTS = {"ade150": "i124_synsets.txt", "ade847": "i585_synsets.txt"}
+# the same with every ImageNet-21K synset below a class's synsets (WordNet hypernyms)
+TREE_SYNSET_LISTS = {"ade150": "i124_tree_synsets.txt", "ade847": "i585_tree_synsets.txt"}
+LARVSEG_COVERED = {"ade150": (124, 150), "ade847": (585, 847)}  # classes covered / total (paper)
 
 
 def _check_dataset(dataset: str) -> None:
@@ -147,18 +151,65 @@ def load_class_synsets(dataset: str) -> list[list[str]]:
 
 
 def imagenet_synset_lists(
-    dataset: str, order: list[str] | None = None, available: Iterable[str] | None = None
+    dataset: str,
+    order: list[str] | None = None,
+    available: Iterable[str] | None = None,
+    tree: bool = False,
+    hierarchy: Hierarchy | None = None,
 ) -> tuple[list[str], int]:
     """(the ImageNet-21K wnids of the dataset's classes, in `order`; how many classes have one).
 
     `order` defaults to timm's imagenet22k_synsets.txt; `available` restricts to the synsets
-    that have images in a given release (e.g. a winter21 synset list).
+    that have images in a given release (e.g. a winter21 synset list). `tree`: a class also
+    gathers every synset of `order` below its synsets in `hierarchy` (default: the shipped
+    WordNet table), so ADE's "tree" takes its 992 kinds of tree, not one synset's images.
     """
     order = read_timm_synsets() if order is None else order
     keep = set(order) if available is None else set(order) & set(available)
-    per_class = [[w for w in wnids if w in keep] for wnids in load_class_synsets(dataset)]
+    per_class = load_class_synsets(dataset)
+    if tree:
+        h = hierarchy or shipped_hierarchy()
+        per_class = [sorted(set().union(*(h.subtree(w) for w in ws))) for ws in per_class]
+    per_class = [[w for w in wnids if w in keep] for wnids in per_class]
     mapped = {w for wnids in per_class for w in wnids}
     return [w for w in order if w in mapped], sum(1 for wnids in per_class if wnids)
+
+
+def read_available(path: str | Path) -> set[str]:
+    """The synsets of a release: a synset list file, or a folder of nXXXXXXXX[.tar] entries."""
+    path = Path(path)
+    if path.is_dir():
+        names = (p.name.split(".")[0] for p in path.iterdir())
+        return {n for n in names if WNID.match(n)}
+    return set(read_synset_list(path))
+
+
+def write_synset_lists(
+    out_dir: str | Path,
+    available: set[str] | None = None,
+    tree: bool = False,
+    check: bool = False,
+) -> tuple[list[str], list[str]]:
+    """Write (or with `check` only compare) the I124 / I585-style lists in `out_dir`.
+
+    Returns (one report line per list, the paths that differ from what would be written).
+    """
+    lines, stale = [], []
+    for dataset, fname in (TREE_SYNSET_LISTS if tree else SYNSET_LISTS).items():
+        wnids, covered = imagenet_synset_lists(dataset, available=available, tree=tree)
+        paper, total = LARVSEG_COVERED[dataset]
+        path = Path(out_dir) / fname
+        text = "".join(w + "\n" for w in wnids)
+        lines.append(
+            f"{fname}: {len(wnids)} synsets covering {covered} of {total} {dataset} classes "
+            f"(LarvSeg: {paper} of {total})"
+        )
+        if check:
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                stale.append(str(path))
+        else:
+            path.write_text(text, encoding="utf-8")
+    return lines, stale
 
 
 def larvseg_ade150_novel() -> list[str]:
@@ -173,20 +224,12 @@ def larvseg_ade150_novel() -> list[str]:
     return out
 
 
-def _key(name: str) -> str:
-    s = " ".join(name.lower().replace("_", " ").replace("-", " ").split())
-    for suf in (" other", " stuff", " merged"):
-        if s.endswith(suf) and len(s) > len(suf):
-            s = s[: -len(suf)].rstrip()
-    return s
-
-
 def synsets_for_class_list(class_names: list[list[str]]) -> list[list[str]] | None:
     """The shipped mapping of a class list that is one of DATASETS (display names compared
     after normalisation, in order), else None (no curated synsets for that list)."""
-    keys = [_key(syn[0]) for syn in class_names]
+    keys = [normalize_name(syn[0]) for syn in class_names]
     for ds in DATASETS:
         names = read_names_file(names_file(ds))
-        if len(names) == len(keys) and all(_key(s[0]) == k for s, k in zip(names, keys)):
+        if len(names) == len(keys) and all(normalize_name(s[0]) == k for s, k in zip(names, keys)):
             return load_class_synsets(ds)
     return None

@@ -16,11 +16,18 @@ Matching a source class to an existing row (``add_source`` / ``match``), best fi
   2. a shared WordNet id;
   3. display name = display name; 4. display name = a synonym (either way); 5. synonym = synonym
      (dataset classes only).
-Names compare after ``normalize_name`` (lower case, '_' / '-' -> space, trailing
-" other" / " stuff" / " merged" removed: "wall-other" ~ "wall"). Name matches (0, 3-5) are
-refused when both sides have synsets and share none. Two classes of one source never share a row; the
-assignment is greedy over all (rank, local id, row) candidates, so "counter" takes COCO's
-"counter" before "buffet, counter, sideboard" does.
+Names compare after ``normalize_name`` (larvess/names.py: lower case, '_' / '-' -> space,
+trailing " other" / " stuff" / " merged" removed: "wall-other" ~ "wall"). Name matches (0, 3-5)
+are refused when the synsets say the classes differ: both have synsets and share none, or both
+come with a curated mapping (``wnids`` given) and only one has synsets (COCO "cake", curated
+"no synset", never joins ADE-847's "patty, cake", the patty synset). A class whose synsets are
+unknown (``wnids`` None, e.g. ``predict.py --classes dog``) is matched by name. Two classes of
+one source never share a row; the assignment is greedy over all (rank, local id, row)
+candidates, so "counter" takes COCO's "counter" before "buffet, counter, sideboard" does.
+
+The tree (larvess/tree.py, ``Vocabulary.tree()``): every row's ancestor / descendant / parent
+rows through its wnids in the WordNet hierarchy, and the rows covering / overlapping its meaning;
+``save`` writes each entry's ``parents`` (row ids of its nearest ancestor rows).
 
 Alias file (hand-made merges): plain text, one group per line, names (or WordNet ids) separated
 by '|', '#' starts a comment::
@@ -36,24 +43,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from larvess.names import WNID, read_names_file, read_synset_lemmas  # noqa: F401  (re-exported)
+from larvess.names import (  # noqa: F401  (re-exported)
+    WNID,
+    normalize_name,
+    read_names_file,
+    read_synset_lemmas,
+)
+from larvess.tree import VocabTree
 
-_SUFFIXES = (" other", " stuff", " merged")
-
-
-def normalize_name(name: str) -> str:
-    """Matching key of a name: lower case, '_' / '-' -> space, suffixes stripped."""
-    s = " ".join(name.lower().replace("_", " ").replace("-", " ").split())
-    stripped = True
-    while stripped:
-        stripped = False
-        for suf in _SUFFIXES:
-            if s.endswith(suf) and len(s) > len(suf):
-                s, stripped = s[: -len(suf)].rstrip(), True
-    return s
+if TYPE_CHECKING:
+    from larvess.hierarchy import Hierarchy
 
 
 def read_aliases(path: str | Path) -> list[list[str]]:
@@ -90,11 +93,13 @@ class Entry:
     sources: list[str] = field(default_factory=list)
     has_masks: bool = False
     by_synset: bool = False  # made by a synset-only source (ImageNet): never matched by name
+    curated: bool = False  # some class of it came with a curated synset list (maybe empty)
 
 
-def _as_wnid_lists(wnids, n: int, source: str) -> list[list[str]]:
+def _as_wnid_lists(wnids, n: int, source: str) -> tuple[list[list[str]], list[bool]]:
+    """(per class its wnids, per class whether they are known: None = unknown, [] = none)."""
     if wnids is None:
-        return [[] for _ in range(n)]
+        return [[] for _ in range(n)], [False] * n
     wnids = list(wnids)
     if len(wnids) != n:
         raise ValueError(f"source {source!r}: {n} names but {len(wnids)} wnid entries")
@@ -105,7 +110,7 @@ def _as_wnid_lists(wnids, n: int, source: str) -> list[list[str]]:
         if bad:
             raise ValueError(f"source {source!r}: {bad[0]!r} is not a WordNet id (nXXXXXXXX)")
         out.append(ws)
-    return out
+    return out, [w is not None for w in wnids]
 
 
 class Vocabulary:
@@ -116,6 +121,8 @@ class Vocabulary:
     ) -> None:
         self.entries: list[Entry] = []
         self.aliases: list[list[str]] = list(aliases or [])
+        self.alias_file = str(alias_file) if alias_file is not None else None  # for errors
+        self._tree: VocabTree | None = None
         if alias_file is not None:
             self.aliases += read_aliases(alias_file)
         self._alias: dict[str, str] = {}
@@ -164,13 +171,17 @@ class Vocabulary:
             self._wnid_rows.setdefault(w, r)
 
     def _resolve(
-        self, synonyms: list[list[str]], wnids: list[list[str]], by_synset: bool
+        self,
+        synonyms: list[list[str]],
+        wnids: list[list[str]],
+        known: list[bool],
+        by_synset: bool,
     ) -> list[int]:
         """Row of each class or -1, each row used at most once (greedy by match rank)."""
         cands: list[tuple[int, int, int]] = []  # (rank, local id, row)
-        for i, (syn, ws) in enumerate(zip(synonyms, wnids)):
+        for i, (syn, ws, kn) in enumerate(zip(synonyms, wnids, known)):
             exact = None if by_synset else self._exact.get(tuple(normalize_name(s) for s in syn))
-            if exact is not None and _compatible(ws, self.entries[exact].wnids):
+            if exact is not None and _compatible(ws, kn, self.entries[exact]):
                 cands.append((0, i, exact))
             for w in ws:
                 if w in self._wnid_rows:
@@ -182,7 +193,7 @@ class Vocabulary:
                         cands.append((1, i, r))
                         continue
                     # names never join a synset-only row, nor two classes of different synsets
-                    if e.by_synset or not _compatible(ws, e.wnids):
+                    if e.by_synset or not _compatible(ws, kn, e):
                         continue
                     row_display = normalize_name(e.synonyms[0])
                     rank = 5 - (j == 0) - (k == row_display)
@@ -214,8 +225,9 @@ class Vocabulary:
         for i, syn in enumerate(synonyms):
             if not syn or not all(isinstance(s, str) and s.strip() for s in syn):
                 raise ValueError(f"source {source!r}: class {i} has no name: {syn!r}")
-        wnids = _as_wnid_lists(wnids, len(synonyms), source)
-        rows = self._resolve(synonyms, wnids, by_synset)
+        wnids, known = _as_wnid_lists(wnids, len(synonyms), source)
+        rows = self._resolve(synonyms, wnids, known, by_synset)
+        self._tree = None
         for i, (syn, ws) in enumerate(zip(synonyms, wnids)):
             if rows[i] < 0:
                 self.entries.append(Entry(syn[0], list(syn), list(ws), by_synset=by_synset))
@@ -224,6 +236,7 @@ class Vocabulary:
             e.synonyms += [s for s in syn if s not in e.synonyms]
             e.wnids += [w for w in ws if w not in e.wnids]
             e.by_synset = e.by_synset and by_synset
+            e.curated = e.curated or known[i]
             if source not in e.sources:
                 e.sources.append(source)
             e.has_masks = e.has_masks or has_masks
@@ -234,6 +247,7 @@ class Vocabulary:
             "rows": rows,
             "synonyms": [list(s) for s in synonyms],
             "wnids": wnids,
+            "known": known,
             "has_masks": has_masks,
             "by_synset": by_synset,
         }
@@ -242,8 +256,22 @@ class Vocabulary:
     def match(self, synonyms: list[list[str]], wnids: list | None = None) -> torch.Tensor:
         """LongTensor [n]: row of each class (a dataset's names, with their curated synsets if
         known), -1 where it is not in the vocabulary."""
-        wnids = _as_wnid_lists(wnids, len(synonyms), "match")
-        return torch.tensor(self._resolve(synonyms, wnids, False), dtype=torch.long)
+        wnids, known = _as_wnid_lists(wnids, len(synonyms), "match")
+        return torch.tensor(self._resolve(synonyms, wnids, known, False), dtype=torch.long)
+
+    def tree(self, hierarchy: Hierarchy | None = None, strict: bool = True) -> VocabTree:
+        """The rows' tree relations (larvess/tree.py): ``ancestors`` / ``descendants`` /
+        ``parents`` by wnid, ``covering`` / ``related`` by meaning, each a CSR ``RowSets``.
+
+        hierarchy: default the shipped WordNet 3.0 table (cached with it until a source is
+        added). strict: a wnid missing from the hierarchy or an alias group joining a synset with
+        its own ancestor is an error naming the file and the value.
+        """
+        if hierarchy is not None:
+            return VocabTree(self, hierarchy, strict)
+        if self._tree is None or self._tree.strict != strict:
+            self._tree = VocabTree(self, strict=strict)
+        return self._tree
 
     def is_base(self, rows: torch.Tensor) -> torch.Tensor:
         """BoolTensor like rows: True where the row has pixel masks in training (-1 -> False)."""
@@ -254,10 +282,15 @@ class Vocabulary:
         return has[torch.where(rows < 0, len(self), rows)]
 
     def save(self, path: str | Path) -> None:
+        # nearest ancestor rows by the shipped WordNet table; a wnid it lacks (a toy world's
+        # made-up synsets) stands alone rather than failing a checkpoint
+        parents = self.tree(strict=False).parents
         data = {
             "version": 2,
             "aliases": self.aliases,
-            "entries": [asdict(e) for e in self.entries],
+            "entries": [
+                asdict(e) | {"parents": parents[r].tolist()} for r, e in enumerate(self.entries)
+            ],
             "sources": self._sources,
         }
         Path(path).write_text(json.dumps(data, indent=1), encoding="utf-8")
@@ -273,6 +306,7 @@ class Vocabulary:
             if version == 1:  # one optional wnid per row
                 w = e.pop("wnid", None)
                 e["wnids"] = [w] if w else []
+            e.pop("parents", None)  # derived from the wnids (older files have none)
             v.entries.append(Entry(**e))
         v._sources = data["sources"]
         for r in range(len(v.entries)):
@@ -285,6 +319,11 @@ class Vocabulary:
         return v
 
 
-def _compatible(a: list[str], b: list[str]) -> bool:
-    """Two classes may share a row unless both have synsets and none in common."""
-    return not a or not b or bool(set(a) & set(b))
+def _compatible(wnids: list[str], known: bool, row: Entry) -> bool:
+    """May a name join a class to `row`? Not when their synsets say they differ: both have
+    synsets and none in common, or both are curated and only one of them has synsets."""
+    if wnids and row.wnids:
+        return bool(set(wnids) & set(row.wnids))
+    if known and row.curated:
+        return not wnids and not row.wnids
+    return True

@@ -11,6 +11,11 @@ in timm's imagenet22k_synsets.txt, i.e. has fall11 images), one wnid per line in
     python scripts/make_synset_lists.py                       # rewrite both, print the counts
     python scripts/make_synset_lists.py --available w21.txt   # keep synsets with images there
     python scripts/make_synset_lists.py --check               # exit 1 if the shipped files differ
+    python scripts/make_synset_lists.py --tree                # the lists with descendants
+
+--tree gathers, per class, every ImageNet-21K synset at or below its synsets by the WordNet
+hierarchy (larvess/meta/wordnet_hypernyms.tsv), written as larvess/meta/i124_tree_synsets.txt and
+i585_tree_synsets.txt: ADE's "tree" takes its 992 kinds of tree, "dog" its breeds.
 
 --available takes a synset list (one wnid per line, e.g. the winter21 release's 19,167) or a
 folder of the release (entries named nXXXXXXXX or nXXXXXXXX.tar); a synset missing there is
@@ -24,43 +29,20 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from larvess.names import WNID  # noqa: E402
-from larvess.synsets import META, SYNSET_LISTS, imagenet_synset_lists, read_synset_list  # noqa: E402
-
-LARVSEG = {"ade150": (124, 150), "ade847": (585, 847)}  # classes covered / total in the paper
-
-
-def read_available(path: Path) -> set[str]:
-    if path.is_dir():
-        names = (p.name.split(".")[0] for p in path.iterdir())
-        return {n for n in names if WNID.match(n)}
-    return set(read_synset_list(path))
+from larvess.meta import META
+from larvess.synsets import read_available, write_synset_lists
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--available", type=Path, help="synset list file or release folder")
     p.add_argument("--out-dir", type=Path, default=META, help="default: larvess/meta")
+    p.add_argument("--tree", action="store_true", help="also every synset below each class")
     p.add_argument("--check", action="store_true", help="compare with the files, write nothing")
     args = p.parse_args(argv)
     available = read_available(args.available) if args.available else None
-    stale = []
-    for dataset, fname in SYNSET_LISTS.items():
-        wnids, covered = imagenet_synset_lists(dataset, available=available)
-        paper, total = LARVSEG[dataset]
-        path = args.out_dir / fname
-        text = "".join(w + "\n" for w in wnids)
-        print(
-            f"{fname}: {len(wnids)} synsets covering {covered} of {total} {dataset} classes "
-            f"(LarvSeg: {paper} of {total})"
-        )
-        if args.check:
-            if not path.is_file() or path.read_text(encoding="utf-8") != text:
-                stale.append(str(path))
-        else:
-            path.write_text(text, encoding="utf-8")
+    lines, stale = write_synset_lists(args.out_dir, available, tree=args.tree, check=args.check)
+    print("\n".join(lines))
     if stale:
         print("out of date (run scripts/make_synset_lists.py): " + ", ".join(stale))
         return 1

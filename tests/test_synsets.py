@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from larvess.hierarchy import Hierarchy, shipped_hierarchy
+from larvess.meta import META
 from larvess.names import read_names_file
 from larvess.synsets import (
     DATASETS,
-    META,
     SYNSET_LISTS,
+    TREE_SYNSET_LISTS,
     imagenet_synset_lists,
     larvseg_ade150_novel,
     load_class_synsets,
@@ -22,9 +21,10 @@ from larvess.synsets import (
     read_timm_definitions,
     read_timm_synsets,
     synsets_for_class_list,
+    write_synset_lists,
 )
+from larvess.wordnet_candidates import class_candidates, lemma_index
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"coco_stuff171": 171, "ade150": 150, "ade847": 847}
 
 # senses a name match would merge but that are never the dataset's meaning
@@ -168,10 +168,40 @@ def test_synset_lists_equal_the_regenerated_ones(timm_wnids):
         assert (META / fname).read_text() == "".join(w + "\n" for w in wnids)
         assert [order[w] for w in wnids] == sorted(order[w] for w in wnids)
         assert covered == sum(1 for w in load_class_synsets(ds) if w)
-    spec = importlib.util.spec_from_file_location("msl", ROOT / "scripts/make_synset_lists.py")
-    msl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(msl)
-    assert msl.main(["--check"]) == 0
+    for tree in (False, True):
+        assert write_synset_lists(META, tree=tree, check=True)[1] == []
+
+
+def test_tree_lists_gather_every_synset_below_a_class(timm_wnids):
+    h = shipped_hierarchy()
+    in21k = set(timm_wnids)
+    for ds, fname in TREE_SYNSET_LISTS.items():
+        tree = read_synset_list(META / fname)
+        flat = set(read_synset_list(META / SYNSET_LISTS[ds]))
+        assert flat <= set(tree) and len(tree) == len(set(tree))
+        # naive reference: every listed synset is at or below a class synset, and every
+        # ImageNet-21K synset below a class synset is listed
+        own = {w for ws in load_class_synsets(ds) for w in ws}
+        assert all(w in own or h.ancestors(w) & own for w in tree)
+        below = {w for w in in21k if h.ancestors(w) & own}
+        assert below | own == set(tree)
+    tree_150 = set(read_synset_list(META / TREE_SYNSET_LISTS["ade150"]))
+    assert "n02099601" in tree_150  # golden retriever, through ADE's dog
+    assert "n03793489" not in tree_150  # the computer mouse is no ADE-150 class's kind
+
+
+def test_tree_lists_with_a_small_hierarchy():
+    # ADE-150 person (n00007846) with two kinds below it, one of them not in the release
+    h = Hierarchy({"n00001740": (), "n00007846": ("n00001740",), "n10000001": ("n00007846",),
+                   "n10000002": ("n00007846",)})  # fmt: skip
+    h.parents.update({w: ("n00001740",) for ws in load_class_synsets("ade150") for w in ws
+                      if w not in h.parents})  # fmt: skip
+    h = Hierarchy(h.parents)
+    order = ["n10000002", "n00007846", "n10000001", "n02958343"]
+    wnids, covered = imagenet_synset_lists(
+        "ade150", order=order, available=set(order) - {"n10000001"}, tree=True, hierarchy=h
+    )
+    assert wnids == ["n10000002", "n00007846", "n02958343"] and covered == 2
 
 
 def test_synset_lists_restrict_to_available():
@@ -220,11 +250,6 @@ def test_read_mapping_errors_name_file_and_line(tmp_path, body, line, msg):
 
 
 def test_candidate_generation_matches_normalised_names():
-    spec = importlib.util.spec_from_file_location(
-        "mwc", ROOT / "scripts/make_wordnet_candidates.py"
-    )
-    mwc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mwc)
     lemmas = {
         "n04546855": ["wall"],
         "n03793489": ["mouse", "computer mouse"],
@@ -234,11 +259,38 @@ def test_candidate_generation_matches_normalised_names():
         "n04405907": ["television receiver", "tv"],
         "n09999999": ["not allowed"],
     }
-    index = mwc.lemma_index(lemmas, allowed=set(lemmas) - {"n09999999"})
-    cand = lambda names: [w for _, w in mwc.class_candidates(names, index)]  # noqa: E731
+    index = lemma_index(lemmas, allowed=set(lemmas) - {"n09999999"})
+    cand = lambda names: [w for _, w in class_candidates(names, index)]  # noqa: E731
     assert cand(["wall-other"]) == ["n04546855"]
     assert cand(["mouse"]) == ["n03793489", "n02330245"]  # both senses, for the reviewer
     assert cand(["skis"]) == ["n04228054"]
     assert cand(["wine glass"]) == ["n04592099"]
     assert cand(["tv"]) == ["n04405907"]
     assert cand(["not allowed"]) == []
+
+
+@pytest.mark.parametrize(
+    "dataset, name, want",
+    [
+        ("ade150", "stairs", ["n04314914"]),  # step, stair: the flights of steps
+        ("ade150", "step", []),
+        ("ade847", "stairs", ["n04314914"]),
+        ("ade847", "step", []),
+        ("coco_stuff171", "cat", ["n02121620", "n02121808"]),  # + domestic cat
+        ("coco_stuff171", "laptop", ["n03642806", "n03832673"]),  # + notebook computer
+        ("coco_stuff171", "carpet", ["n02904233"]),  # broadloom
+        ("ade150", "ottoman", ["n03858418", "n03380724"]),  # + footstool
+        ("ade847", "hanger", ["n03057920", "n03490884"]),
+        ("ade847", "steel industry", ["n04311595"]),  # steel mill
+        ("ade847", "star", ["n13881644"]),  # the plane figure
+    ],
+)
+def test_audited_mappings(maps, dataset, name, want):
+    assert maps[dataset][_cls(dataset, name)] == want
+
+
+def test_audited_pipe_tube(maps):
+    names = read_names_file(names_file("ade847"))
+    i = names.index(["pipe", "tube"])
+    assert maps["ade847"][i] == ["n13901321"]
+    assert maps["ade847"][names.index(["pipe", "pipage", "piping"])] == []

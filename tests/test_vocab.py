@@ -174,3 +174,192 @@ def test_names_file_formats_and_errors(tmp_path):
     v = Vocabulary()
     with pytest.raises(ValueError, match="2 names but 1 wnid entries"):
         v.add_source("s", [["a"], ["b"]], wnids=["n01440764"])
+
+
+# ---- the tree (larvess/tree.py) ---------------------------------------------------------------
+# entity > food > {pizza, dish > pizza (two parents)}, furniture > {seat > {chair > {armchair,
+# swivel chair}, sofa}, table}, animal > dog > retriever > golden retriever
+TREE = {
+    "entity": [], "food": ["entity"], "dish": ["food"], "pizza": ["food", "dish"],
+    "furniture": ["entity"], "seat": ["furniture"], "chair": ["seat"], "armchair": ["chair"],
+    "swivel": ["chair"], "sofa": ["seat"], "table": ["furniture"], "animal": ["entity"],
+    "dog": ["animal"], "retriever": ["dog"], "golden": ["retriever"],
+}  # fmt: skip
+W = {name: f"n{i:08d}" for i, name in enumerate(TREE, 1)}
+SOURCES = [  # (name, classes [(names, synsets or None)], dataset?)
+    ("coco", [(["food-other"], ["food"]), (["pizza"], ["pizza"]), (["furniture-other"],
+              ["furniture"]), (["chair"], ["chair"]), (["sky-other"], []), (["dog"], ["dog"])], True),
+    ("ade", [(["seat"], ["seat"]), (["chair"], ["chair"]), (["armchair"], ["armchair"]),
+             (["sky"], []), (["table"], ["table"])], True),
+    ("x", [(["office chair"], None)], True),  # in the tree only through the alias file
+    ("in", [([n], [n]) for n in ("food", "pizza", "dish", "furniture", "seat", "chair",
+                                 "armchair", "sofa", "animal", "dog", "retriever", "golden")], False),
+]  # fmt: skip
+ALIASES = [[W["swivel"], "office chair"]]
+
+
+def _tree_vocab():
+    from larvess.hierarchy import Hierarchy
+
+    h = Hierarchy({W[k]: tuple(W[p] for p in ps) for k, ps in TREE.items()}, source="test-tree")
+    v = Vocabulary(aliases=ALIASES)
+    for src, classes, dataset in SOURCES:
+        names = [c[0] for c in classes]
+        wn = [None if s is None else [W[x] for x in s] for _, s in classes]
+        if dataset:
+            v.add_source(src, names, wn, has_masks=src == "coco")
+        else:
+            v.add_source(src, names, [w[0] for w in wn], by_synset=True)
+    return v, h
+
+
+def _naive_relations(v):
+    """Dense [C, C] related / covering from the rule written out with plain sets."""
+    children = {k: [c for c, ps in TREE.items() if k in ps] for k in TREE}
+
+    def sub(k):
+        return {k}.union(*(sub(c) for c in children[k]))
+
+    def anc(k):
+        return set().union(*({p} | anc(p) for p in TREE[k])) if TREE[k] else set()
+
+    alias = {"office chair": "swivel"}
+    members = [[] for _ in range(len(v))]  # per row: (source, dataset?, own synsets, others)
+    for src, classes, dataset in SOURCES:
+        own = [set(s or []) | ({alias[n[0]]} if n[0] in alias else set()) for n, s in classes]
+        for i, r in enumerate(v.rows_of(src).tolist()):
+            others = set().union(*(own[j] for j in range(len(own)) if j != i))
+            members[r].append((src, dataset, own[i], others if dataset else set()))
+    mean = []
+    for r, m in enumerate(members):
+        pos = set().union(*(o for _, _, o, _ in m))
+        neg = set().union(*(x for _, _, _, x in m)) - pos
+        rm = set()
+        for s in pos:
+            ex = [x for x in neg if x != s and x not in anc(s)]
+            rm |= sub(s) - set().union(*(sub(x) for x in ex))
+        mean.append(rm or {("row", r)})
+    ds = [{src for src, d, _, _ in m if d} for m in members]
+    c = len(v)
+    rel = torch.zeros(c, c, dtype=torch.bool)
+    cov = torch.zeros(c, c, dtype=torch.bool)
+    for r in range(c):
+        for q in range(c):
+            if r != q and not ds[r] & ds[q]:
+                rel[r, q] = bool(mean[r] & mean[q])
+                cov[r, q] = mean[r] <= mean[q]
+    return rel, cov
+
+
+def _dense(sets, c):
+    out = torch.zeros(c, c, dtype=torch.bool)
+    for r in range(c):
+        out[r, sets[r]] = True
+    return out
+
+
+def test_tree_relations_match_a_naive_reference():
+    v, h = _tree_vocab()
+    t = v.tree(hierarchy=h)
+    rel, cov = _naive_relations(v)
+    assert torch.equal(_dense(t.related, len(v)), rel)
+    assert torch.equal(_dense(t.covering, len(v)), cov)
+    assert t.related.offsets.shape == (len(v) + 1,) and t.related.ids.dtype == torch.long
+    row = {name: v.match([[name]]).item() for name in ("pizza", "chair", "armchair", "sky")}
+    row |= {n: v.rows_of("in")[i].item() for i, n in enumerate(
+        ["food", "pizza", "dish", "furniture", "seat", "chair", "armchair", "sofa", "animal",
+         "dog", "retriever", "golden"])}  # fmt: skip
+    row["office"] = v.rows_of("x")[0].item()
+    cover = lambda k: {v.names[q] for q in t.covering[row[k]].tolist()}  # noqa: E731
+    # a golden retriever image also labels its ImageNet ancestors and COCO's dog
+    assert cover("golden") == {"retriever", "dog", "animal"}
+    # pizza: dish covers it (second parent), COCO food-other ("the rest of the food") does not
+    assert cover("pizza") == {"dish"} and row["food"] not in t.related[row["pizza"]]
+    # the merged chair row (COCO + ADE + synset) leaves ADE's armchair out
+    assert v.names[row["chair"]] == "chair" and row["armchair"] not in t.related[row["chair"]]
+    assert cover("office") == {"chair"}  # through the alias group's wnid
+    # sofa: ADE's seat and COCO's furniture-other (no COCO sofa here) both take it; armchair
+    # is neither's (each dataset's chair is below them) nor the merged chair row's
+    assert cover("sofa") == {"seat", "furniture-other"} and cover("armchair") == set()
+    assert t.related[row["sky"]].numel() == 0  # no synset: related to nothing
+    # classes of one dataset stay each other's negatives
+    coco = set(v.rows_of("coco").tolist())
+    assert all(not set(t.related[r].tolist()) & (coco - {r}) for r in coco)
+
+
+def test_tree_ancestors_parents_and_saved_parents(tmp_path):
+    v, h = _tree_vocab()
+    t = v.tree(hierarchy=h)
+    rows_in = dict(zip([c[0][0] for c in SOURCES[3][1]], v.rows_of("in").tolist()))
+    name = lambda rs: {v.names[r] for r in rs.tolist()}  # noqa: E731
+    assert name(t.parents[rows_in["golden"]]) == {"retriever"}
+    assert name(t.ancestors[rows_in["golden"]]) == {"retriever", "dog", "animal"}
+    assert name(t.parents[rows_in["pizza"]]) == {"dish"}  # food is above dish
+    assert name(t.parents[v.rows_of("x")[0].item()]) == {"chair"}
+    assert rows_in["golden"] in t.descendants[rows_in["animal"]].tolist()
+    # naive: descendants are the transpose of ancestors
+    anc = _dense(t.ancestors, len(v))
+    assert torch.equal(_dense(t.descendants, len(v)), anc.t())
+    # vocab.json carries the parents (by the shipped table: these wnids are not WordNet's, so
+    # they stand alone there), and loads without them
+    v.save(tmp_path / "v.json")
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert all(e["parents"] == [] for e in data["entries"])
+    for e in data["entries"]:
+        del e["parents"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert Vocabulary.load(tmp_path / "old.json").names == v.names
+
+
+def test_saved_parents_by_wordnet(tmp_path):
+    v = Vocabulary()
+    v.add_source("coco", [["dog"], ["mouse"]], [["n02084071"], ["n03793489"]], has_masks=True)
+    v.add_source(
+        "in", [["golden retriever"], ["mouse"]], ["n02099601", "n02330245"], by_synset=True
+    )
+    v.save(tmp_path / "v.json")
+    parents = [e["parents"] for e in json.loads((tmp_path / "v.json").read_text())["entries"]]
+    assert parents == [[], [], [0], []]  # the breed under COCO dog, the rodent under nothing
+    assert Vocabulary.load(tmp_path / "v.json").tree().parents[2].tolist() == [0]
+
+
+def test_tree_errors_name_the_file_and_value(tmp_path):
+    from larvess.hierarchy import HYPERNYMS_FILE
+
+    v = Vocabulary()
+    v.add_source("in", [["nothing"]], ["n99999999"], by_synset=True)
+    with pytest.raises(KeyError, match=rf"{HYPERNYMS_FILE}: n99999999 .*'nothing'"):
+        v.tree()
+    f = tmp_path / "aliases.txt"
+    f.write_text("n02099601 | n02084071\n")  # golden retriever | dog: one row cannot be both
+    w = Vocabulary(alias_file=f)
+    w.add_source("coco", [["dog"]], [["n02084071"]])
+    with pytest.raises(ValueError, match=rf"{f}: alias group .* n02099601 with its ancestor"):
+        w.tree()
+
+
+def test_curated_classes_never_name_merge_when_synsets_differ():
+    v = Vocabulary()
+    # COCO "cake": curated, no synset; ADE-847 "patty, cake": the patty synset
+    v.add_source("coco", [["cake"], ["sky-other"]], [[], []], has_masks=True)
+    rows = v.add_source("ade847", [["patty", "cake"], ["sky"]], [["n07663899"], []])
+    assert rows.tolist() == [2, 1]  # patty its own row; both "no synset" skies merge
+    assert v.entries[0].wnids == []
+    # a class whose synsets are unknown (a user's --classes list) still matches by name
+    assert v.match([["cake"], ["patty"]]).tolist() == [0, 2]
+    assert v.add_source("user", [["cake"]]).tolist() == [0]
+
+
+def test_one_datasets_classes_never_related_even_when_an_alias_overlaps_them():
+    from larvess.hierarchy import Hierarchy
+
+    h = Hierarchy({W[k]: tuple(W[p] for p in ps) for k, ps in TREE.items()}, source="test-tree")
+    v = Vocabulary(aliases=[[W["chair"], "stool"]])  # a hand-made alias: ADE stool ~ chair
+    v.add_source("ade", [["chair"], ["stool"], ["seat"]], [[W["chair"]], [], [W["seat"]]])
+    v.add_source("in", [["chair"], ["armchair"]], [W["chair"], W["armchair"]], by_synset=True)
+    t = v.tree(hierarchy=h)
+    chair, stool, seat, armchair = range(4)  # ImageNet chair joins ADE chair by its synset
+    assert v.rows_of("ade").tolist() == [chair, stool, seat]
+    assert stool not in t.related[chair] and chair not in t.related[stool]  # same dataset
+    assert set(t.related[armchair].tolist()) == {chair, stool}  # both mean the armchair too
+    assert set(t.covering[armchair].tolist()) == {chair, stool}
