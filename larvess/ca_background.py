@@ -97,6 +97,7 @@ def background_scores(
     threshold: float,
     mse_threshold: float,
     topk: int = 5,
+    barred: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The single-label background of P pairs at once, as the sum and count of S_b over the
     selected classes b (so S_bg = sum / count, or 1 - S_fg when the count is 0).
@@ -108,6 +109,7 @@ def background_scores(
         table: [R,d] the source's rows (raw cosine scores of steps 1-2).
         means: [R,d] the bank mean of each row (S_b = x . means_b).
         warm: [R] bool, rows whose ring is warm.
+        barred: optional [P,R] bool, rows never a pair's background (the tree's related rows).
     Returns:
         (bg_sum [P,Q], bg_count [P]).
     """
@@ -124,6 +126,8 @@ def background_scores(
         top = raw.topk(kk, dim=1).values.mean(dim=1)  # [P,n]
         s_b = torch.einsum("pqd,nd->pqn", x, means[c0:c1].to(x.dtype))
         keep = (top > threshold) & (ids[None, c0:c1] != target[:, None]) & warm[None, c0:c1]
+        if barred is not None:
+            keep &= ~barred[:, c0:c1]
         keep &= standardised_mse(s_fg, s_b) > mse_threshold  # NaN (constant map) never passes
         bg_sum += torch.einsum("pqn,pn->pq", s_b, keep.to(x.dtype))
         bg_cnt += keep.sum(dim=1)

@@ -189,19 +189,23 @@ class CAClassifier(nn.Module):
         [R,d] the source's rows, rows [R] their bank classes; pairs in local ids (< R)."""
         means = self.bank_mean(rows).to(x.dtype)  # [R,d]: the source's rings
         warm = self.warm(rows)  # [R]
+        related = pairs.related_mask(len(rows))  # [P,R] with the tree: never background
         s_fg = torch.einsum("pdq,pd->pq", x, means[pairs.target])
         # the image's other labels: background of a multi-label image
         others = pairs.excluded()  # [P,E]
         on = (others >= 0) & (others != pairs.target[:, None])
         on &= warm[others.clamp(min=0)]
+        if related is not None:  # its own expansion (ancestors) is not a label's background
+            on &= ~related.gather(1, others.clamp(min=0))
         bg_sum = torch.einsum("pdq,ped,pe->pq", x, means[others.clamp(min=0)], on.to(x.dtype))
         bg_cnt = on.sum(dim=1)
-        single = [i for i, n in enumerate(pairs.pair_counts()) if n == 1]  # host ints
+        single = [i for i, one in enumerate(pairs.is_single()) if one]  # host bools
         if single:  # single-label images: the reference's threshold + MSE rule
             idx = torch.tensor(single).to(x.device, non_blocking=True)
             s_sum, s_cnt = background_scores(
                 x[idx].transpose(1, 2), s_fg[idx], pairs.target[idx], table, means, warm,
                 bg_threshold, bg_mse_threshold, self.bg_topk,
+                barred=None if related is None else related[idx],
             )  # fmt: skip
             bg_sum, bg_cnt = bg_sum.index_copy(0, idx, s_sum), bg_cnt.index_copy(0, idx, s_cnt)
         s_bg = torch.where(bg_cnt[:, None] > 0, bg_sum / bg_cnt.clamp(min=1)[:, None], 1 - s_fg)
@@ -277,7 +281,10 @@ class CAClassifier(nn.Module):
                 self.bg_mse_threshold if bg_mse_threshold is None else bg_mse_threshold,
             )  # fmt: skip
         pooled = (x * A[:, None, :]).mean(dim=2)
-        per_pair = pooled_ce(pooled, pairs.target, pairs.excluded(), table, scale, k=k)
+        related = pairs.related_mask(len(table))
+        per_pair = pooled_ce(
+            pooled, pairs.target, pairs.excluded(), table, scale, k=k, related=related
+        )
         warm = self.warm(rows[pairs.target])
         return torch.where(warm, per_pair, 0.0).sum() / pairs.num
 

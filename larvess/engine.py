@@ -38,9 +38,9 @@ from larvess.ca_classifier import CAClassifier
 from larvess.checkpoint import save_checkpoint
 from larvess.config import LossConfig, TrainConfig
 from larvess.data.transforms import photometric_view
-from larvess.losses import LogitStandardizer, nearest_rows
+from larvess.losses import LabelPairs, LogitStandardizer, nearest_rows
 from larvess.model import ClassTable, Segmenter
-from larvess.objective import Source, cat_pushes, compute_losses
+from larvess.objective import Source, cat_pushes, compute_losses, prepare_batch
 
 
 class Net(nn.Module):
@@ -148,7 +148,10 @@ def train(
         # -- phase 1: data, forward, backward per micro-batch (pure losses)
         for micro in range(tc.grad_accum):
             step_batch = next(batches)
-            batch_list = [_to_device(step_batch[s.cfg.name], device) for s in sources]
+            # host side first (labels -> pairs, the tree's expansion), then to the device
+            batch_list = [
+                _to_device(prepare_batch(s, step_batch[s.cfg.name]), device) for s in sources
+            ]
             n_img = sum(b["image"].shape[0] for b in batch_list)
             seen += n_img
             _count_unreadable(state, step_batch, n_img * accelerator.num_processes)
@@ -266,6 +269,8 @@ def _to_device(batch: dict, device) -> dict:
     for k, v in batch.items():
         if torch.is_tensor(v):
             out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, LabelPairs):
+            out[k] = v.to(device)
         elif isinstance(v, list) and v and torch.is_tensor(v[0]):
             out[k] = [t.to(device, non_blocking=True) for t in v]
         else:

@@ -80,7 +80,9 @@ def _search_plan(n: int, c: int, k: int, block: int) -> tuple[int, int]:
     return max(1, block // c_chunk), c_chunk
 
 
-def _search_torch(queries: Tensor, table: Tensor, k: int) -> Tensor:
+def _search_torch(
+    queries: Tensor, table: Tensor, k: int, bar: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     N, C = queries.shape[0], table.shape[0]
     block = block_elems(queries.device, _BLOCK_ELEMS, elem_bytes=queries.element_size())
     out = torch.empty(N, k, dtype=torch.long, device=queries.device)
@@ -90,6 +92,11 @@ def _search_torch(queries: Tensor, table: Tensor, k: int) -> Tensor:
         best_v = best_i = None
         for c0 in range(0, C, c_chunk):
             scores = q @ table[c0 : c0 + c_chunk].T
+            if bar is not None:  # barred rows of each query's group: one block-sized gather
+                group, mask = bar
+                scores.masked_fill_(
+                    mask[:, c0 : c0 + c_chunk][group[q0 : q0 + q_chunk]], -torch.inf
+                )
             v, i = scores.topk(min(k, scores.shape[1]), dim=1)
             i = i + c0
             if best_v is not None:
@@ -181,6 +188,7 @@ def search(
     k: int,
     backend: str = "auto",
     exclude: Tensor | None = None,
+    bar: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Exact top-k rows of ``table`` by inner product with each query (fp32 or fp64 math, even
     under autocast).
@@ -192,6 +200,10 @@ def search(
         backend: "auto" | "torch" | "faiss".
         exclude: optional LongTensor [N], one row per query never returned. The search takes
             k+1 neighbours and drops that row, or the last one when it is not among them.
+        bar: optional (group [N] LongTensor, mask [G,C] BoolTensor): rows mask[group[i]] are
+            never returned for query i (the tree's related rows); where fewer than k remain,
+            the last entries are barred rows (the caller masks them). Torch backend only
+            (faiss has no per-query mask): "auto" and "faiss" run the torch search with it.
 
     Returns:
         LongTensor [N,k] of table rows, best first (order among exact ties unspecified).
@@ -208,13 +220,13 @@ def search(
         raise ValueError(f"knn.search: k={k} must be in [1, {what}={k_max}]")
     if exclude is not None and tuple(exclude.shape) != (N,):
         raise ValueError(f"knn.search: exclude must be [N]={N}, got {tuple(exclude.shape)}")
-    backend = _resolve_backend(backend, N, C, queries.device)
+    backend = "torch" if bar is not None else _resolve_backend(backend, N, C, queries.device)
     kk = k + 1 if exclude is not None else k
     if N == 0:
         return torch.empty(0, k, dtype=torch.long, device=queries.device)
     with torch.no_grad():
         if backend == "torch":
-            idx = _search_torch(queries.detach(), table.detach().to(queries.dtype), kk)
+            idx = _search_torch(queries.detach(), table.detach().to(queries.dtype), kk, bar)
         else:
             idx = _search_faiss(queries, table, kk)
         if exclude is None:

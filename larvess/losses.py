@@ -49,28 +49,55 @@ class LabelPairs:
     image [P] and target [P]: the image and the label row of each pair; label_set [B,E]: each
     image's labels padded with -1 (E = the largest label count). ``counts`` (host ints) is the
     number of labels of each image: a shape, known without asking the device.
+    With the tree (tree_labels.py): related, COO (pair index [nnz], row [nnz]) of the rows
+    related to each pair's target, never its negatives; single (host bools [P]): the pair takes
+    the single-label background rule (default: its image has one label).
     """
 
     image: Tensor
     target: Tensor
     label_set: Tensor
     counts: tuple[int, ...]
+    related: tuple[Tensor, Tensor] | None = None
+    single: tuple[bool, ...] | None = None
 
     @property
     def num(self) -> int:
         return len(self.image)
 
-    def pair_counts(self) -> list[int]:
-        """Host ints [P]: the label count of each pair's image (from ``counts``, no sync)."""
-        return [n for n in self.counts for _ in range(n)]
+    def is_single(self) -> list[bool]:
+        """Host bools [P]: the pairs that take the single-label background rule (no sync)."""
+        if self.single is not None:
+            return list(self.single)
+        return [n == 1 for n in self.counts for _ in range(n)]
 
     def excluded(self) -> Tensor:
         """[P,E]: the label set of each pair's image (never a negative of that pair)."""
         return self.label_set[self.image]
 
+    def related_mask(self, num_rows: int) -> Tensor | None:
+        """[P, num_rows] bool: the rows related to each pair's target (None without a tree)."""
+        if self.related is None:
+            return None
+        mask = torch.zeros(self.num, num_rows, dtype=torch.bool, device=self.target.device)
+        mask[self.related[0], self.related[1]] = True
+        return mask
+
     def to_local(self, index: Tensor) -> LabelPairs:
         """Map rows through ``index`` [C+1] (row -> local id, last entry -1: -1 stays -1)."""
-        return LabelPairs(self.image, index[self.target], index[self.label_set], self.counts)
+        rel = None if self.related is None else (self.related[0], index[self.related[1]])
+        return LabelPairs(self.image, index[self.target], index[self.label_set], self.counts, rel,
+                          self.single)  # fmt: skip
+
+    def to(self, device: torch.device | str) -> LabelPairs:
+        """The same pairs on ``device`` (copies that do not wait)."""
+
+        def mv(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=True)
+
+        rel = None if self.related is None else (mv(self.related[0]), mv(self.related[1]))
+        return LabelPairs(mv(self.image), mv(self.target), mv(self.label_set), self.counts, rel,
+                          self.single)  # fmt: skip
 
 
 def label_pairs(labels: list[Tensor], device: torch.device | str | None = None) -> LabelPairs:
@@ -129,10 +156,13 @@ def _sampled_logits(
     neg_mask [N,k] (True = keep) turns padded negatives into -inf."""
     # one gather for target and negatives: a single [C,d] gradient buffer in backward
     z = scale * gather_dot(x, mu, torch.cat([target[:, None], negatives], dim=1))
-    if neg_mask is not None:
-        keep = torch.cat([neg_mask.new_ones(neg_mask.shape[0], 1), neg_mask], dim=1)
-        z = z.masked_fill(~keep, float("-inf"))
-    return z
+    return z if neg_mask is None else _mask_negatives(z, neg_mask)
+
+
+def _mask_negatives(logits: Tensor, keep: Tensor) -> Tensor:
+    """[N,1+k] logits, [N,k] keep -> the negatives not kept set to -inf (the target stays)."""
+    keep = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def _ce_target_first(logits: Tensor) -> Tensor:
@@ -160,6 +190,7 @@ def knn_sampled_ce(
     grid: Tensor | None = None,
     backend: str = "auto",
     logit_norm: LogitStandardizer | None = None,
+    barred: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """ESS eq. 6: CE over [target, k nearest other classes], mean over labelled pixels.
 
@@ -176,6 +207,9 @@ def knn_sampled_ce(
             when each cell's pixels equal the cell embedding both modes agree exactly.
         backend: knn backend.
         logit_norm: optional LogitStandardizer applied to the k+1 logits.
+        barred: optional (group [C+1] LongTensor, mask [T,C] BoolTensor) from the tree: rows
+            mask[group[y]] (y's related rows and y itself) are never negatives of target y.
+            The k nearest are searched among the others (per pixel; not with ``grid``).
 
     Returns:
         scalar; 0 (connected to the graph) when no pixel is labelled.
@@ -204,7 +238,15 @@ def knn_sampled_ce(
     # would need their number on the host (a sync per step)
     labelled = y != ignore_index
     y = torch.where(labelled, y, 0)
-    if grid is None:
+    keep = None
+    if barred is not None:
+        if grid is not None:
+            raise ValueError("barred (the tree) needs the per-pixel search, not grid")
+        group, mask = barred
+        g = group[y]
+        neg = knn.search(x, table, k, backend=backend, bar=(g, mask))
+        keep = ~mask[g[:, None], neg]  # fewer than k allowed rows: the rest are masked
+    elif grid is None:
         neg = knn.search(x, table, k, backend=backend, exclude=y)
     else:
         if grid.dim() != 4 or grid.shape[0] != B or grid.shape[1] != d:
@@ -218,6 +260,8 @@ def knn_sampled_ce(
     logits = _sampled_logits(x, y, neg, table, scale)
     if logit_norm is not None:
         logits = logit_norm(x, logits, table, scale)
+    if keep is not None:  # after the norm: its statistics are over the rows' logits, not -inf
+        logits = _mask_negatives(logits, keep)
     w = labelled.to(logits.dtype)
     return (_ce_target_first(logits) * w).sum() / w.sum().clamp(min=1.0)
 
@@ -259,6 +303,7 @@ def pooled_ce(
     scale: float,
     k: int | None = None,
     backend: str = "auto",
+    related: Tensor | None = None,
 ) -> Tensor:
     """Per-pair CE of pooled embeddings; shared by image_level_ce and the CA-Classifier.
 
@@ -272,19 +317,28 @@ def pooled_ce(
         excluded: [P,E] rows never used as negatives, -1 padded (the image's label set L; may
             contain the target itself).
         table: mu [C,d].
+        related: optional [P,C] bool, more rows barred per pair (the tree's related rows).
+            The scores are then [P,C] and the k nearest allowed rows their top k: exact, and
+            a few pairs x C, never pixels x C.
     Returns:
         [P] per-pair losses.
     """
     C = table.shape[0]
     P, E = excluded.shape
     valid = excluded >= 0
-    if k is None:
+    dense = k is None or related is not None
+    if dense:
         z = scale * pooled @ table.T  # [P,C]: a few pairs x C, never pixels x C
         barred = torch.zeros(P, C + 1, dtype=torch.bool, device=pooled.device)
         barred.scatter_(1, torch.where(valid, excluded, C), True)  # padding lands in column C
         barred = barred[:, :C].scatter(1, target[:, None], True)  # the target goes first
+        if related is not None:
+            barred |= related
         z_t = scale * (pooled * table[target]).sum(dim=1, keepdim=True)
-        return _ce_target_first(torch.cat([z_t, z.masked_fill(barred, float("-inf"))], dim=1))
+        z = z.masked_fill(barred, float("-inf"))
+        if k is not None:  # the k nearest allowed rows; -inf where fewer remain
+            z = z.topk(min(C, knn.num_negatives(k, C) or 1), dim=1).values
+        return _ce_target_first(torch.cat([z_t, z], dim=1))
     K = knn.num_negatives(k, C)
     if K == 0 or P == 0:
         return _ce_target_first(scale * (pooled * table[target]).sum(dim=1, keepdim=True))
@@ -331,4 +385,7 @@ def image_level_ce(
     if pairs.num == 0:
         return zero_with_grad(emb, table)
     pooled = emb.mean(dim=(2, 3))[pairs.image]  # [P,d]
-    return pooled_ce(pooled, pairs.target, pairs.excluded(), table, scale, k, backend).mean()
+    related = pairs.related_mask(table.shape[0])
+    return pooled_ce(
+        pooled, pairs.target, pairs.excluded(), table, scale, k, backend, related=related
+    ).mean()

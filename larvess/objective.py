@@ -25,8 +25,16 @@ from larvess.losses import (
 )
 from larvess.model import upsample_embeddings
 from larvess.pc2seg import pixel_contrastive_loss
+from larvess.tree import VocabTree
+from larvess.tree_labels import (
+    SourceTree,
+    pixel_barred,
+    rows_with_covering,
+    source_tree,
+    tree_pairs,
+)
 
-__all__ = ["Source", "make_sources", "source_shares", "local_index", "StepLosses",
+__all__ = ["Source", "make_sources", "prepare_batch", "source_shares", "local_index", "StepLosses",
            "compute_losses", "cat_pushes", "subsample_labels"]  # fmt: skip
 
 
@@ -56,15 +64,20 @@ class Source:
     """A training source as the step sees it.
 
     cfg: its recipe section. rows [R]: the vocabulary rows its losses score against (its own
-    classes with ``loss.negatives: source``, LarvSeg's ``cls_emb[cls_index]``; every row with
-    ``all``). index [C+1]: vocabulary row -> local id into rows (-1 outside; -1 stays -1).
-    share: its weight in the total (``source_shares``).
+    classes with ``loss.negatives: source``, LarvSeg's ``cls_emb[cls_index]``, plus with the
+    tree the rows covering them; every row with ``all``). index [C+1]: vocabulary row -> local
+    id into rows (-1 outside; -1 stays -1), on the device, and index_host, the same on the host.
+    share: its weight in the total (``source_shares``). tree: the tree in local ids (None =
+    flat); pixel_barred: a mask source's (group, mask) of rows never a target's negatives.
     """
 
     cfg: SourceConfig
     rows: Tensor
     index: Tensor
     share: float
+    index_host: Tensor | None = None
+    tree: SourceTree | None = None
+    pixel_barred: tuple[Tensor, Tensor] | None = None
 
 
 def make_sources(
@@ -73,15 +86,39 @@ def make_sources(
     num_classes: int,
     lo: LossConfig,
     device: torch.device | str = "cpu",
+    tree: VocabTree | None = None,
 ) -> list[Source]:
-    """One Source per recipe source; source_rows: each source's own vocabulary rows."""
+    """One Source per recipe source; source_rows: each source's own vocabulary rows; tree:
+    the vocabulary's tree, needed with ``lo.hierarchy == "tree"``."""
+    if lo.hierarchy == "tree" and tree is None:
+        raise ValueError("loss.hierarchy=tree needs the vocabulary's tree (Vocabulary.tree())")
     shares = source_shares(cfgs, lo.combine)
     out = []
-    for cfg, rows, share in zip(cfgs, source_rows, shares):
-        rows = rows if lo.negatives == "source" else torch.arange(num_classes)
-        rows = rows.to(device)
-        out.append(Source(cfg, rows, local_index(rows, num_classes), share))
+    for cfg, own, share in zip(cfgs, source_rows, shares):
+        rows = own if lo.negatives == "source" else torch.arange(num_classes)
+        st = pixel = None
+        if lo.hierarchy == "tree":
+            if cfg.supervision == "image" and lo.negatives == "source":
+                rows = rows_with_covering(tree, rows)
+            st = source_tree(tree, rows)
+            if cfg.supervision == "mask" and st.has_relations():
+                group, mask = pixel_barred(st, local_index(rows, num_classes)[own])
+                pixel = (group.to(device), mask.to(device))
+        index = local_index(rows, num_classes)
+        out.append(Source(cfg, rows.to(device), index.to(device), share, index, st, pixel))
     return out
+
+
+def prepare_batch(src: Source, batch: dict) -> dict:
+    """Host side of a source's batch, before it goes to the device: image labels become
+    ``pairs``, LabelPairs in the source's local ids (expanded up the tree with it), built from
+    the readers' host tensors so the loss path never asks the device for a value."""
+    if src.cfg.supervision != "image" or "labels" not in batch:
+        return batch
+    index = src.index_host if src.index_host is not None else src.index.cpu()
+    local = [index[L.reshape(-1).long().cpu()] for L in batch["labels"]]
+    pairs = tree_pairs(local, src.tree) if src.tree is not None else label_pairs(local, "cpu")
+    return {**batch, "pairs": pairs}
 
 
 @dataclass
@@ -122,13 +159,18 @@ def compute_losses(
             target = src.index[subsample_labels(batch["label"], lo.label_stride)]
             x_up = upsample_embeddings(x, target.shape[-2:])
             grid = x if lo.share_negatives else None
+            barred = src.pixel_barred
             seg = knn_sampled_ce(
-                x_up, target, mu_s, lo.k, lo.scale, ignore_index=-1, grid=grid,
-                backend=lo.knn_backend, logit_norm=logit_norm,
+                x_up, target, mu_s, lo.k, lo.scale, ignore_index=-1,
+                grid=grid if barred is None else None, backend=lo.knn_backend,
+                logit_norm=logit_norm, barred=barred,
             )  # fmt: skip
             terms[f"seg/{cfg.name}"] = src.share * cfg.seg_weight * seg
             continue
-        pairs = label_pairs(batch["labels"], x.device).to_local(src.index)
+        if "pairs" in batch:  # prepare_batch ran on the host
+            pairs = batch["pairs"]
+        else:
+            pairs = label_pairs(batch["labels"], x.device).to_local(src.index)
         if cfg.cls_weight > 0:
             cls = image_level_ce(x, pairs, mu_s, lo.scale, k=lo.cls_k, backend=lo.knn_backend)
             terms[f"cls/{cfg.name}"] = src.share * cfg.cls_weight * cls
