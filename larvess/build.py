@@ -3,29 +3,30 @@
 Scripts call these functions; every library module below receives built objects and plain
 arguments (or one config section). Floors, top to bottom: ``build_data`` (readers + the unified
 vocabulary), ``build_model`` / ``build_optimizer`` / ``build_ca``, ``build_batches``,
-``resolve_resume``; ``load_predictor`` does the same for a trained run (eval and predict).
+``resolve_resume``. A trained run is loaded by ``larvess.predictor.Predictor.from_run``.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from larvess.ca_classifier import CAClassifier
-from larvess.checkpoint import find_resume, load_model, read_state, run_dir_of
-from larvess.config import EvalConfig, OptimConfig, Recipe, SourceConfig, load_recipe
+from larvess.checkpoint import find_resume, read_state
+from larvess.config import OptimConfig, Recipe, SourceConfig
 from larvess.data.ade import AdeTrain
 from larvess.data.coco_stuff import CocoStuff
 from larvess.data.imagenet_wds import ImageNetShards
 from larvess.data.mixing import MixedBatches, source_loader
 from larvess.data.transforms import TrainAugment
+from larvess.hierarchy import Hierarchy
 from larvess.model import ClassTable, Segmenter
 from larvess.names import read_names_file
 from larvess.synsets import synsets_for_class_list
+from larvess.tree import VocabTree
 from larvess.vocab import Vocabulary
 
 
@@ -134,10 +135,27 @@ def model_args(recipe: Recipe) -> dict:
 
 
 def build_model(recipe: Recipe, num_classes: int) -> tuple[Segmenter, ClassTable, dict]:
-    """Segmenter (with local pretrained weights if named) and the class table."""
+    """Segmenter (with the recipe's pretrained weights: a local file, or timm's hub when
+    model.pretrained_hub names them) and the class table."""
     args = model_args(recipe)
-    segmenter = Segmenter(pretrained_file=recipe.model.pretrained_file, **args)
+    m = recipe.model
+    segmenter = Segmenter(
+        pretrained_file=m.pretrained_file, pretrained_hub=m.pretrained_hub, **args
+    )
     return segmenter, ClassTable(num_classes, recipe.model.dim), args
+
+
+def build_tree(recipe: Recipe, vocab: Vocabulary) -> VocabTree | None:
+    """The vocabulary's tree for ``loss.hierarchy: tree`` (None when flat): WordNet 3.0's
+    shipped table, or ``vocab.hierarchy_file``; every wnid must be in it (strict)."""
+    if recipe.loss.hierarchy != "tree":
+        return None
+    path = recipe.vocab.hierarchy_file
+    if path is None:
+        return vocab.tree()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"vocab.hierarchy_file: {path} not found")
+    return vocab.tree(Hierarchy.load(path))
 
 
 def build_ca(recipe: Recipe, num_classes: int) -> CAClassifier:
@@ -219,45 +237,3 @@ def resolve_resume(recipe: Recipe, require: bool = False) -> tuple[Path | None, 
     if require and ckpt is None:
         raise FileNotFoundError(f"{run_dir}: --resume given but no complete checkpoint found")
     return ckpt, read_state(ckpt) if ckpt else {"step": 0, "bad_steps": 0}
-
-
-@dataclass
-class Predictor:
-    """A trained model ready for inference over a chosen set of classes."""
-
-    segmenter: Segmenter
-    mu: torch.Tensor  # [K,d] unit rows of the chosen classes
-    rows: torch.Tensor  # [K] vocabulary rows
-    names: list[str]  # display name of each chosen class
-    is_base: torch.Tensor  # [K] bool: had pixel masks in training
-    eval: EvalConfig  # window / stride / short side of the run's recipe (defaults without one)
-    step: int
-    path: Path
-
-
-def load_predictor(
-    checkpoint: str | Path, class_names: list[list[str]] | None = None, device: str = "cpu"
-) -> Predictor:
-    """Eval and predict front end: load the export, match the wanted classes (None = the whole
-    vocabulary), fail naming the classes the model has no row for, take their rows."""
-    loaded = load_model(checkpoint)
-    vocab = loaded.vocab
-    if class_names is None:
-        rows = torch.arange(len(vocab))
-        names = vocab.names
-    else:
-        rows = vocab.match(class_names, synsets_for_class_list(class_names))
-        missing = [class_names[i][0] for i in torch.nonzero(rows < 0).flatten().tolist()]
-        if missing:
-            raise ValueError(
-                f"{loaded.path}: {len(missing)} of {len(rows)} classes are not in the model's "
-                f"vocabulary (e.g. {missing[:8]}); train with their names file in "
-                "vocab.extra_names (with loss.negatives=all) so they get rows"
-            )
-        names = [c[0] for c in class_names]
-    recipe_file = run_dir_of(loaded.path) / "recipe.yaml"
-    ev = load_recipe(recipe_file).eval if recipe_file.is_file() else EvalConfig()
-    seg = loaded.segmenter.to(device)
-    with torch.no_grad():
-        mu = loaded.table().to(device)[rows.to(device)]
-    return Predictor(seg, mu, rows, names, vocab.is_base(rows), ev, loaded.step, loaded.path)

@@ -5,7 +5,9 @@ Layout of a run folder::
     runs/<name>/recipe.yaml, git.txt, vocab.json, tb/
     runs/<name>/checkpoints/step_00001000/   accelerate save_state + model.pt + vocab.json
                                              + trainer_state.json (written last: "complete")
-    runs/<name>/model.pt, vocab.json         the final export
+    runs/<name>/model.pt, vocab.json         the final export (larvess: segmenter + class table)
+    runs/<name>/backbone/                    the ViT alone for timm: config.json + model.safetensors
+                                             (timm.create_model("local-dir:runs/<name>/backbone"))
 
 A checkpoint is written into ``.tmp_step_*`` and renamed when complete, so a killed job never
 leaves a half checkpoint that looks finished. ``model.pt`` stores the Segmenter's constructor
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from larvess.data.transforms import MEAN, STD
 from larvess.model import ClassTable, Segmenter
 from larvess.vocab import Vocabulary
 
@@ -29,6 +33,7 @@ MODEL_FILE = "model.pt"
 VOCAB_FILE = "vocab.json"
 FORMAT = "larvess-model-1"
 STATE_FILE = "trainer_state.json"
+BACKBONE_DIR = "backbone"
 CKPT_DIR = "checkpoints"
 
 
@@ -45,7 +50,7 @@ def find_resume(run_dir: str | Path) -> Path | None:
 
 
 def read_state(ckpt: str | Path) -> dict:
-    """Trainer state of a checkpoint: {"step", "bad_steps"}; errors name the file."""
+    """Trainer state of a checkpoint: {"step", "bad_steps", ...}; errors name the file."""
     path = Path(ckpt) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
@@ -58,10 +63,11 @@ def run_dir_of(model_file: str | Path) -> Path:
     return folder.parent.parent if folder.parent.name == CKPT_DIR else folder
 
 
-def save_checkpoint(
-    accelerator, run_dir: Path, step: int, bad_steps: int, keep: int, on_checkpoint
-):
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int, on_checkpoint):
     """accelerate save_state into a temp folder, renamed when complete; keeps the newest `keep`.
+
+    state: the trainer's counters (engine.TrainState.to_json(): step, bad_steps, unreadable,
+    ...), written last as trainer_state.json.
 
     on_checkpoint(folder, step) adds files (model export, vocabulary) before the folder is
     marked complete. Every process calls this; only the main one writes outside save_state.
@@ -78,7 +84,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if on_checkpoint is not None:
             on_checkpoint(tmp, step)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "bad_steps": bad_steps}))
+        (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step)))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in complete_checkpoints(run_dir)[:-keep]:
@@ -119,6 +125,64 @@ def export_model(
     os.replace(tmp, folder / MODEL_FILE)
     vocab.save(folder / VOCAB_FILE)
     return folder / MODEL_FILE
+
+
+def export_backbone(run_dir: str | Path, segmenter: Segmenter, model_args: dict) -> Path:
+    """Write ``run_dir/backbone/``: the trained ViT in timm's local-dir format.
+
+    ``timm.create_model("local-dir:RUN/backbone", pretrained=True)`` rebuilds it from
+    config.json (architecture, model_args) and loads model.safetensors; its pretrained_cfg
+    carries the normalisation larvess trains with (MEAN / STD of data/transforms.py, not the
+    augreg 0.5 / 0.5) and the model's input size, so ``timm.data.resolve_data_config`` gives
+    the right transforms. Its forward_features are larvess's backbone features (before the
+    embedding head). A conv-stem backbone has no timm architecture: README.txt says so.
+    Written into a temp folder and renamed when complete.
+    """
+    final = Path(run_dir) / BACKBONE_DIR
+    tmp = final.with_name(BACKBONE_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if model_args.get("stem", "patch") != "patch":
+        (tmp / "README.txt").write_text(
+            f"No timm export: this run's backbone has a convolutional stem (model.stem = "
+            f"{model_args.get('stem')!r}) in place of the ViT's patch projection, which timm's "
+            f"{model_args['backbone']!r} cannot build. Load the run with larvess instead: "
+            "larvess.Predictor.from_run(RUN), or larvess.checkpoint.load_model(RUN).segmenter.\n"
+        )
+    else:
+        bb = segmenter.backbone
+        arch = model_args["backbone"].split(".")[0]  # a hub tag names weights, not the model
+        kwargs = dict(model_args.get("backbone_kwargs", {}))
+        kwargs.pop("drop_path_rate", None)  # a training regulariser, not the architecture
+        size = int(model_args["img_size"])
+        config = {
+            "architecture": arch,
+            "num_classes": 0,
+            "num_features": int(bb.num_features),
+            "global_pool": getattr(bb, "global_pool", "token") or "token",
+            "model_args": {"img_size": size, "dynamic_img_size": True, **kwargs},
+            "pretrained_cfg": {
+                "architecture": arch,
+                "tag": "larvess",
+                "input_size": [3, size, size],
+                "fixed_input_size": False,
+                "interpolation": "bilinear",  # inference.py's resize
+                "crop_pct": 1.0,
+                "crop_mode": "center",
+                "mean": list(MEAN),
+                "std": list(STD),
+                "num_classes": 0,
+                "first_conv": "patch_embed.proj",
+                "classifier": "head",
+                "custom_load": False,
+            },
+        }
+        state = {k: v.detach().cpu().contiguous() for k, v in bb.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
 
 
 def find_model_file(path: str | Path) -> Path:

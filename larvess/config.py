@@ -15,12 +15,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 # Source kind -> supervision. Mask sources feed the kNN-sampled CE; image sources feed the
 # image-level CE and the CA-Classifier.
+SourceKind = Literal["coco_stuff", "ade150", "ade847", "wa150", "wa847", "imagenet_wds"]
 SOURCE_KINDS = {
     "coco_stuff": "mask",
     "ade150": "mask",
@@ -29,7 +30,10 @@ SOURCE_KINDS = {
     "wa847": "image",
     "imagenet_wds": "image",
 }
-EVAL_DATASETS = ("ade150", "ade847")
+EvalDataset = Literal["ade150", "ade847"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+EVAL_DATASETS = typing.get_args(EvalDataset)
+PRECISIONS = typing.get_args(Precision)
 
 
 class RecipeError(ValueError):
@@ -42,9 +46,14 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: int = 512
     dim: int = 64  # embedding size d; ESS used 7-12 for <= 1284 classes, 64 suits 21K
-    pretrained_file: str | None = None  # local weights only; nothing is downloaded
+    pretrained_file: str | None = None  # local weights file (README "Weights"); never downloaded
+    # online alternative to pretrained_file: timm fetches this hub model's weights, a timm name
+    # with its tag whose architecture is `backbone`'s, e.g. vit_base_patch16_224.augreg_in21k
+    pretrained_hub: str | None = None
     drop_path: float = 0.1  # stochastic depth of the backbone (LarvSeg 0.1)
-    stem: str = "patch"  # patch (the ViT's own, for pretrained weights) | conv (from scratch)
+    stem: Literal["patch", "conv"] = (
+        "patch"  # patch (the ViT's own, for pretrained weights) | conv (from scratch)
+    )
 
 
 @dataclass
@@ -65,20 +74,25 @@ class LossConfig:
     ca_warm_up: int = 1
     # LarvSeg scores each dataset against its own classes only (cls_emb[cls_index]); "all"
     # searches negatives in the whole table
-    negatives: str = "source"  # source | all
+    negatives: Literal["source", "all"] = "source"  # source | all
     # batch_mean: each source's loss x its share of the global batch (LarvSeg's DDP average
     # over one-dataset GPU groups); sum: plain sum of the per-source losses
-    combine: str = "batch_mean"  # batch_mean | sum
-    knn_backend: str = "auto"  # auto | torch | faiss (GPU index when faiss has GPU support)
+    combine: Literal["batch_mean", "sum"] = "batch_mean"  # batch_mean | sum
+    knn_backend: Literal["auto", "torch", "faiss"] = (
+        "auto"  # auto | torch | faiss (GPU index when faiss has GPU support)
+    )
     pc2_weight: float = 0.0  # PC2Seg pixel-contrastive term on image-labelled sources; 0 = off
     pc2_negatives: int = 200  # sampled negative pixels per anchor (PC2Seg)
     pc2_tau: float = 0.5  # PC2Seg temperature (not stated in the supplementary; see pc2seg.py)
+    # flat: every row its own class of one softmax (ESS, LarvSeg). tree: labels expand up the
+    # WordNet tree and a target's related rows are never its negatives (tree_labels.py)
+    hierarchy: Literal["flat", "tree"] = "flat"
 
 
 @dataclass
 class SourceConfig:
     name: str = ""
-    kind: str = "coco_stuff"
+    kind: SourceKind = "coco_stuff"
     root: str = ""
     split: str = ""  # empty = the kind's training split
     batch_size: int = 8  # global: train.py divides it over the processes
@@ -94,7 +108,9 @@ class SourceConfig:
     names: str | None = None  # names file (ADE-847 table; ImageNet lemmas, default timm's)
     from_json: bool = False  # COCO-Stuff: read the stuff/instances JSONs instead of the PNGs
     skip_missing: bool = False  # images without a label file (or the reverse): skip and count
-    label_format: str | None = None  # COCO-Stuff PNG ids: raw182 | trainid171 | null = from layout
+    label_format: Literal["raw182", "trainid171"] | None = (
+        None  # COCO-Stuff PNG ids: raw182 | trainid171 | null = from layout
+    )
     base_scale: list[int] | None = None  # resize base (long, short); null = (4 crop, crop)
 
     @property
@@ -106,11 +122,13 @@ class SourceConfig:
 class VocabConfig:
     alias_file: str | None = None  # hand-made merges across sources
     extra_names: list[str] = field(default_factory=list)  # rows with no training data
+    # the hypernym table of loss.hierarchy=tree (wordnet_hypernyms.tsv format); null = shipped
+    hierarchy_file: str | None = None
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd (LarvSeg) | adamw (small ViTs from scratch)
+    name: Literal["sgd", "adamw"] = "sgd"  # sgd (LarvSeg) | adamw (small ViTs from scratch)
     lr: float = 1e-3
     momentum: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -133,19 +151,25 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    precision: str = "bf16"  # bf16 | fp32; the CPU always runs fp32
+    # auto: the launcher's / accelerate config's mixed precision (`accelerate launch
+    # --mixed_precision bf16`; plain python: fp32); bf16 | fp16 | fp32 win over it. The run's
+    # recipe.yaml records the precision used.
+    precision: Precision = "auto"
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
     grad_accum: int = 1
     log_every: int = 20
     ckpt_every: int = 2000
     keep_ckpts: int = 3
     max_bad_steps: int = 20  # consecutive NaN/inf losses before aborting
+    # samples lost to unreadable shard data, as a fraction of all drawn, before the run stops
+    max_unreadable: float = 0.01
     resume: str = "auto"  # auto | never | a checkpoint folder
     stop_after: int = 0  # >0: checkpoint and exit after this many steps (time-limited jobs)
 
 
 @dataclass
 class EvalSetConfig:
-    dataset: str = "ade150"
+    dataset: EvalDataset = "ade150"
     root: str = ""
     names: str | None = None
 
@@ -201,6 +225,11 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
         if not isinstance(value, dict):
             raise RecipeError(f"{src}: '{key}' must be a mapping, got {value!r}")
         return dict(value)
+    if origin is Literal:  # a string choice: the allowed values are the type
+        if value not in args:
+            choices = ", ".join(map(str, args))
+            raise RecipeError(f"{src}: '{key}' = {value!r} is invalid: one of {choices}")
+        return value
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -237,7 +266,8 @@ def _check(cond: bool, src: str, key: str, value: Any, why: str) -> None:
 
 
 def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
-    """Reject impossible values; returns the recipe so calls can be chained."""
+    """Reject impossible values (ranges and rules across fields; string choices are Literal
+    types, checked while the recipe is built); returns the recipe so calls can be chained."""
     m, lo, o, s, t, e = (
         recipe.model,
         recipe.loss,
@@ -248,7 +278,6 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     )
     _check(m.dim >= 1, src, "model.dim", m.dim, "must be >= 1")
     _check(m.img_size >= 16, src, "model.img_size", m.img_size, "must be >= 16")
-    _check(m.stem in ("patch", "conv"), src, "model.stem", m.stem, "patch/conv")
     _check(lo.k >= 1, src, "loss.k", lo.k, "must be >= 1")
     _check(lo.label_stride >= 1, src, "loss.label_stride", lo.label_stride, "must be >= 1")
     _check(lo.scale > 0, src, "loss.scale", lo.scale, "must be > 0")
@@ -258,10 +287,6 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     _check(lo.ca_bank_size >= 1, src, "loss.ca_bank_size", lo.ca_bank_size, "must be >= 1")
     _check(lo.ca_topk >= 1, src, "loss.ca_topk", lo.ca_topk, "must be >= 1")
     _check(lo.ca_warm_up >= 0, src, "loss.ca_warm_up", lo.ca_warm_up, "must be >= 0")
-    _check(lo.negatives in ("source", "all"), src, "loss.negatives", lo.negatives, "source/all")
-    _check(lo.combine in ("batch_mean", "sum"), src, "loss.combine", lo.combine, "batch_mean/sum")
-    ok = lo.knn_backend in ("auto", "torch", "faiss")
-    _check(ok, src, "loss.knn_backend", lo.knn_backend, "one of auto, torch, faiss")
     ok = lo.margin_refresh >= 1
     _check(ok, src, "loss.margin_refresh", lo.margin_refresh, "must be >= 1 (1 = every step)")
     _check(lo.pc2_weight >= 0, src, "loss.pc2_weight", lo.pc2_weight, "must be >= 0")
@@ -272,7 +297,6 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     seen = set()
     for i, d in enumerate(recipe.data):
         key = f"data.{i}"
-        _check(d.kind in SOURCE_KINDS, src, f"{key}.kind", d.kind, f"one of {list(SOURCE_KINDS)}")
         _check(bool(d.name), src, f"{key}.name", d.name, "every source needs a name")
         _check(d.name not in seen, src, f"{key}.name", d.name, "source names must be unique")
         seen.add(d.name)
@@ -282,14 +306,11 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
         lo_hi = d.scale_range
         ok = len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1]
         _check(ok, src, f"{key}.scale_range", lo_hi, "two ratios 0 < low <= high")
-        ok = d.label_format in (None, "raw182", "trainid171")
-        _check(ok, src, f"{key}.label_format", d.label_format, "raw182, trainid171 or null")
         ok = d.base_scale is None or (len(d.base_scale) == 2 and min(d.base_scale) >= 1)
         _check(ok, src, f"{key}.base_scale", d.base_scale, "two sizes (long, short) or null")
         _check(d.num_workers >= 0, src, f"{key}.num_workers", d.num_workers, "must be >= 0")
         for w in ("seg_weight", "cls_weight", "ca_weight"):
             _check(getattr(d, w) >= 0, src, f"{key}.{w}", getattr(d, w), "must be >= 0")
-    _check(o.name in ("sgd", "adamw"), src, "optim.name", o.name, "one of ['sgd', 'adamw']")
     _check(o.lr > 0, src, "optim.lr", o.lr, "must be > 0")
     _check(0 <= o.momentum < 1, src, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(0 <= o.table_momentum < 1, src, "optim.table_momentum", o.table_momentum, "in [0, 1)")
@@ -302,15 +323,19 @@ def validate(recipe: Recipe, src: str = "<recipe>") -> Recipe:
     _check(0 <= s.warmup_steps < s.steps, src, "schedule.warmup_steps", s.warmup_steps, "< steps")
     _check(s.min_lr >= 0, src, "schedule.min_lr", s.min_lr, "must be >= 0")
     _check(s.power > 0 and s.table_power > 0, src, "schedule.power", s.power, "must be > 0")
-    _check(t.precision in ("bf16", "fp32"), src, "train.precision", t.precision, "bf16 or fp32")
+    hub = m.pretrained_hub
+    ok = hub is None or m.pretrained_file is None
+    _check(ok, src, "model.pretrained_hub", hub, "set pretrained_file or pretrained_hub, not both")
+    ok = hub is None or hub.split(".")[0] == m.backbone.split(".")[0]
+    _check(ok, src, "model.pretrained_hub", hub, f"not an architecture of backbone {m.backbone!r}")
     _check(t.grad_accum >= 1, src, "train.grad_accum", t.grad_accum, "must be >= 1")
     _check(t.log_every >= 1, src, "train.log_every", t.log_every, "must be >= 1")
     _check(t.ckpt_every >= 1, src, "train.ckpt_every", t.ckpt_every, "must be >= 1")
     _check(t.keep_ckpts >= 1, src, "train.keep_ckpts", t.keep_ckpts, "must be >= 1")
     _check(t.stop_after >= 0, src, "train.stop_after", t.stop_after, "must be >= 0 (0 = off)")
     _check(t.max_bad_steps >= 1, src, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
-    for i, es in enumerate(e.sets):
-        _check(es.dataset in EVAL_DATASETS, src, f"eval.sets.{i}.dataset", es.dataset, "ade150/847")
+    ok = 0 <= t.max_unreadable <= 1
+    _check(ok, src, "train.max_unreadable", t.max_unreadable, "must be a fraction in [0, 1]")
     _check(e.window >= 16 and e.stride >= 1, src, "eval.window", e.window, "window >= 16")
     return recipe
 

@@ -1,5 +1,8 @@
 """Sliding-window inference (LarvSeg protocol: short side 512, 512 windows, stride 512).
 
+The defaults here are LarvSeg's; a trained run has its own (its recipe's ``eval:`` section):
+``larvess.Predictor.from_run(run).predict(image)`` applies them, as the commands do.
+
 Pipeline for one image [H, W, 3] uint8:
 
 1. normalise, resize so the short side is ``short_side`` (bilinear, aspect kept);

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Segmenter", "ClassTable", "conv_stem", "upsample_embeddings"]
+__all__ = ["Segmenter", "ClassTable", "conv_stem", "upsample_embeddings", "IN21K_HUB"]
 
 
 class Segmenter(nn.Module):
@@ -31,7 +31,9 @@ class Segmenter(nn.Module):
         dim: embedding size d.
         pretrained_file: optional local weights file (.safetensors, .pth/.bin, or the original
             augreg .npz). Loaded through timm's ``pretrained_cfg_overlay=dict(file=...)``; nothing
-            is ever downloaded.
+            is downloaded. A missing file is an error saying where the weights come from.
+        pretrained_hub: or a timm hub name of ``backbone``'s architecture with its tag (e.g.
+            ``vit_base_patch16_224.augreg_in21k``): timm downloads its weights (online only).
         img_size: nominal image size given to timm (the positional embedding grid; other sizes
             work through ``dynamic_img_size=True``).
         backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. depth,
@@ -50,15 +52,24 @@ class Segmenter(nn.Module):
         img_size: int = 224,
         backbone_kwargs: dict | None = None,
         stem: str = "patch",
+        pretrained_hub: str | None = None,
     ) -> None:
         super().__init__()
         kwargs = dict(backbone_kwargs or {})
-        if pretrained_file is not None:
+        name = backbone
+        if pretrained_file is not None and pretrained_hub is not None:
+            raise ValueError("Segmenter: give pretrained_file or pretrained_hub, not both")
+        if pretrained_hub is not None:
+            if pretrained_hub.split(".")[0] != backbone.split(".")[0]:
+                raise ValueError(
+                    f"pretrained_hub {pretrained_hub!r} is not an architecture of {backbone!r}"
+                )
+            name = pretrained_hub  # timm resolves the tag to its hub weights and downloads them
+            kwargs.update(pretrained=True)
+        elif pretrained_file is not None:
             path = Path(pretrained_file)
             if not path.is_file():
-                raise FileNotFoundError(
-                    f"pretrained weights file not found: {str(path)!r} (backbone {backbone!r})"
-                )
+                raise FileNotFoundError(missing_weights_message(path, backbone))
             # augreg .npz checkpoints need timm's custom loader; .safetensors/.pth of the same
             # models are plain state dicts, so custom_load must be switched off for them.
             overlay = dict(file=str(path), custom_load=path.suffix == ".npz")
@@ -66,7 +77,7 @@ class Segmenter(nn.Module):
         else:
             kwargs.update(pretrained=False)
         self.backbone = timm.create_model(
-            backbone, num_classes=0, dynamic_img_size=True, img_size=img_size, **kwargs
+            name, num_classes=0, dynamic_img_size=True, img_size=img_size, **kwargs
         )
         if not hasattr(self.backbone, "num_prefix_tokens") or not hasattr(
             self.backbone, "patch_embed"
@@ -94,6 +105,27 @@ class Segmenter(nn.Module):
             )
         feat = tokens.transpose(1, 2).reshape(B, -1, h, w)
         return F.normalize(self.head(feat), dim=1)
+
+
+IN21K_HUB = "vit_base_patch16_224.augreg_in21k"  # timm hub id of the recipes' ViT-B/16 weights
+IN21K_FILE = "weights/vit_base_patch16_224.augreg_in21k.safetensors"  # the recipes' file name
+IN21K_NPZ = (  # the original augreg release of the same weights (google-research/vision_transformer)
+    "https://storage.googleapis.com/vit_models/augreg/"
+    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
+)
+
+
+def missing_weights_message(path: Path, backbone: str) -> str:
+    """The missing-file error: which file, and where the recipes' ViT-B/16 in21k weights come
+    from (README "Weights")."""
+    return (
+        f"pretrained weights file not found: {str(path)!r} (backbone {backbone!r}). The recipes "
+        f"expect ViT-B/16 ImageNet-21K weights (timm {IN21K_HUB}) at {IN21K_FILE}: "
+        f"`hf download timm/{IN21K_HUB} model.safetensors --local-dir weights && "
+        f"mv weights/model.safetensors {IN21K_FILE}`, or the original augreg .npz {IN21K_NPZ} "
+        f"(set model.pretrained_file to it); online, model.pretrained_file=null "
+        f"model.pretrained_hub={IN21K_HUB} lets timm fetch them"
+    )
 
 
 def conv_stem(embed_dim: int, patch_size: int) -> nn.Sequential:

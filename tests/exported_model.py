@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -37,21 +36,9 @@ ADE150_NAMES = ["bed", "wall", "window, windowpane", "sky", "grass", "building, 
 ADE847_NAMES = ["floor, flooring", "person", "cabinet", "wall", "tree"]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"_script_{name}", ROOT / "scripts" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_ade = load_script("eval_ade")
-predict = load_script("predict")
-
-
 def run_script(name: str, args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    """scripts/<name>.py in a subprocess, as a user runs it (the package is pip-installed)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 

@@ -144,3 +144,38 @@ def test_real_vocabularies_merge_by_meaning():
     base = v.is_base(rows_a)
     assert 55 <= int(base.sum()) <= 75  # LarvSeg's name-based split: 63
     assert v.names[rows_a[[a[0] for a in ade].index("fence")]] == "fence"
+
+
+def test_pretrained_hub_reaches_timm(world, tmp_path, monkeypatch):
+    """model.pretrained_hub: timm is asked for that hub model's weights (nothing is downloaded
+    here: create_model is replaced by a recorder building the same model without weights)."""
+    import timm
+
+    real, calls = timm.create_model, []
+
+    def recording(name, **kwargs):
+        calls.append((name, kwargs))
+        return real(name, **{**kwargs, "pretrained": False})
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    hub = "vit_tiny_patch16_224.augreg_in21k"
+    recipe_file, *overrides = tiny(world, tmp_path, "hub", 2)
+    recipe = load_recipe(recipe_file, overrides + [f"model.pretrained_hub={hub}"])
+    _, _, args = build.build_model(recipe, 5)
+    ((name, kwargs),) = calls
+    assert name == hub and kwargs["pretrained"] is True and kwargs["num_classes"] == 0
+    assert "pretrained_cfg_overlay" not in kwargs  # the hub's own weights, not a file
+    assert args["backbone"] == "vit_tiny_patch16_224"  # model.pt rebuilds without the hub
+    calls.clear()
+    build.build_model(load_recipe(recipe_file, overrides), 5)
+    assert calls[0][1]["pretrained"] is False  # the default: no weights, nothing fetched
+
+
+def test_missing_weights_file_says_where_they_come_from(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        Segmenter(pretrained_file=tmp_path / "vit.safetensors", **TINY)
+    msg = str(err.value)
+    assert "vit.safetensors" in msg and "vit_base_patch16_224.augreg_in21k" in msg
+    assert "hf download timm/vit_base_patch16_224.augreg_in21k model.safetensors" in msg
+    assert "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz" in msg
+    assert "weights/vit_base_patch16_224.augreg_in21k.safetensors" in msg

@@ -154,3 +154,26 @@ def test_larvseg_defaults():
     for name in ("c171_wa150_i124", "c171_wa847_i585"):
         image = [s for s in load_recipe(RECIPES / f"{name}.yaml").data if s.supervision == "image"]
         assert {(s.cls_weight, s.ca_weight) for s in image} == {(0.2, 0.1)}, name
+
+
+def test_precision_trackers_and_weights_options(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD))
+    assert r.train.precision == "auto" and r.train.log_with == ["tensorboard"]
+    assert r.model.pretrained_file is None and r.model.pretrained_hub is None
+    for p in ("auto", "bf16", "fp16", "fp32"):
+        assert load_recipe(write(tmp_path, GOOD), [f"train.precision={p}"]).train.precision == p
+    hub = "vit_tiny_patch16_224.augreg_in21k"
+    assert load_recipe(write(tmp_path, GOOD), [f"model.pretrained_hub={hub}"]).model.pretrained_hub
+    bad = [
+        ([f"model.pretrained_hub={hub}", "model.pretrained_file=w.safetensors"], "not both"),
+        (["model.pretrained_hub=vit_base_patch16_224.augreg_in21k"], "vit_tiny_patch16_224"),
+        (["train.log_with=tensorboard"], "must be a list"),
+    ]
+    for overrides, why in bad:
+        with pytest.raises(RecipeError, match=why) as err:
+            load_recipe(write(tmp_path, GOOD), overrides)
+        assert str(tmp_path / "r.yaml") in str(err.value)
+    # the shipped real recipes name the in21k weights file the README tells how to fetch
+    for name in ("c171_wa150", "c171_wa150_i124", "c171_wa847_i585", "c171_i21k"):
+        m = load_recipe(RECIPES / f"{name}.yaml").model
+        assert m.pretrained_file == "weights/vit_base_patch16_224.augreg_in21k.safetensors"

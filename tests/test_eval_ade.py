@@ -24,7 +24,6 @@ from exported_model import (
     INFER,
     MODEL_ARGS,
     Model,
-    load_script,
     read_array,
     run_script,
     smooth_image,
@@ -32,10 +31,8 @@ from exported_model import (
 from PIL import Image
 
 from larvess.checkpoint import STATE_FILE, export_model, find_resume, load_model
+from larvess.commands import eval_ade, predict
 from larvess.inference import slide_inference
-
-eval_ade = load_script("eval_ade")
-predict = load_script("predict")
 
 
 def evaluated_rows(model: Model, names: list[str]) -> list[int]:
@@ -167,7 +164,7 @@ def test_eval_ade150(model, ade150, tmp_path):
     root, pairs = ade150
     out = tmp_path / "out"
     args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root"]
-    eval_ade.main(
+    eval_ade.run(
         args + [str(root / "ADEChallengeData2016"), "--out", str(out), "--save-vis", "2"] + CLI
     )
     check_outputs(out, pairs, ADE150_NAMES, ["ADE_val_00000000", "ADE_val_00000001"])
@@ -181,7 +178,7 @@ def test_eval_grid_shows_the_images_with_a_novel_class(model, ade150, tmp_path):
     shown = [i for i, (_, t) in enumerate(pairs) if (t == novel).any()]
     out = tmp_path / "out"
     args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)]
-    eval_ade.main(args + ["--out", str(out), "--grid", "8", "--novel", str(tmp_path / "novel.txt")]
+    eval_ade.run(args + ["--out", str(out), "--grid", "8", "--novel", str(tmp_path / "novel.txt")]
                   + CLI)  # fmt: skip
     grid = read_array(out / "grid.png")
     h, w = pairs[shown[0]][1].shape
@@ -193,7 +190,7 @@ def test_eval_ade847(model, ade847, tmp_path):
     root, pairs = ade847
     out = tmp_path / "out"
     args = ["--checkpoint", str(model.run / "model.pt"), "--dataset", "ade847", "--root", str(root)]
-    eval_ade.main(
+    eval_ade.run(
         args + ["--names", str(root / "names.tsv"), "--out", str(out), "--save-vis", "5"] + CLI
     )
     check_outputs(out, pairs, ADE847_NAMES, ["frame_0", "frame_1"])
@@ -220,7 +217,7 @@ def test_eval_missing_label_file(model, ade150, tmp_path):
     (root / "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png").unlink()
     args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)]
     with pytest.raises(FileNotFoundError, match="ADE_val_00000001.jpg"):
-        eval_ade.main(args + ["--out", str(tmp_path / "o")] + CLI)
+        eval_ade.run(args + ["--out", str(tmp_path / "o")] + CLI)
     proc = run_script("eval_ade", args + ["--out", str(tmp_path / "o")] + CLI)
     assert proc.returncode != 0
     assert "error:" in proc.stderr and "ADE_val_00000001.jpg" in proc.stderr
@@ -235,7 +232,7 @@ def test_eval_label_value_out_of_range(model, ade150, ade847, tmp_path):
     Image.fromarray(lab).save(png)
     args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)]
     with pytest.raises(ValueError, match=r"ADE_val_00000002\.png.*\b8\b"):
-        eval_ade.main(args + ["--out", str(tmp_path / "o")] + CLI)
+        eval_ade.run(args + ["--out", str(tmp_path / "o")] + CLI)
 
     root = copy_set(ade847[0], tmp_path / "ade847")
     tif = root / "annotations_detectron2/validation/frame_1.tif"
@@ -244,7 +241,7 @@ def test_eval_label_value_out_of_range(model, ade150, ade847, tmp_path):
     Image.fromarray(lab).save(tif)
     args = ["--checkpoint", str(model.run), "--dataset", "ade847", "--root", str(root)]
     with pytest.raises(ValueError, match=r"frame_1\.tif.*300"):
-        eval_ade.main(
+        eval_ade.run(
             args + ["--names", str(root / "names.tsv"), "--out", str(tmp_path / "o")] + CLI
         )
 
@@ -258,15 +255,15 @@ def test_eval_names_file_wrong_length(model, ade847, tmp_path):
     short.write_text("\n".join(lines) + "\n")
     args = ["--checkpoint", str(model.run), "--dataset", "ade847", "--root", str(root)]
     with pytest.raises(ValueError, match=rf"frame_\d\.tif.*\b{top}\b"):
-        eval_ade.main(args + ["--names", str(short), "--out", str(tmp_path / "o")] + CLI)
+        eval_ade.run(args + ["--names", str(short), "--out", str(tmp_path / "o")] + CLI)
     # a names file with a gap in its ids: the error names the file and the line
     gap = tmp_path / "gap.tsv"
     gap.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
     with pytest.raises(ValueError, match=r"gap\.tsv:3"):
-        eval_ade.main(args + ["--names", str(gap), "--out", str(tmp_path / "o")] + CLI)
+        eval_ade.run(args + ["--names", str(gap), "--out", str(tmp_path / "o")] + CLI)
     # without --names the package's 847-name table is used: this model has 10 of them
     with pytest.raises(ValueError, match=r"model\.pt: 837 of 847 classes are not in the model"):
-        eval_ade.main(args + ["--out", str(tmp_path / "o")] + CLI)
+        eval_ade.run(args + ["--out", str(tmp_path / "o")] + CLI)
 
 
 def test_eval_class_not_in_vocabulary(model, ade150, tmp_path):
@@ -275,16 +272,16 @@ def test_eval_class_not_in_vocabulary(model, ade150, tmp_path):
     info.write_text(info.read_text().replace("\tgrass", "\tunicorn"))
     args = ["--checkpoint", str(model.run), "--dataset", "ade150", "--root", str(root)]
     with pytest.raises(ValueError, match=r"model\.pt.*1 of 7.*unicorn"):
-        eval_ade.main(args + ["--out", str(tmp_path / "o")] + CLI)
+        eval_ade.run(args + ["--out", str(tmp_path / "o")] + CLI)
 
 
 def test_checkpoint_without_model_file(model, ade150, tmp_path):
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="not_a_run.*model.pt"):
-        eval_ade.main(["--checkpoint", str(empty), "--dataset", "ade150", "--root", str(ade150[0])])
+        eval_ade.run(["--checkpoint", str(empty), "--dataset", "ade150", "--root", str(ade150[0])])
     with pytest.raises(FileNotFoundError, match="not_a_run.*model.pt"):
-        predict.main(["--checkpoint", str(empty), str(tmp_path / "x.jpg")])
+        predict.run(["--checkpoint", str(empty), str(tmp_path / "x.jpg")])
     proc = run_script("predict", ["--checkpoint", str(empty), str(tmp_path / "x.jpg")])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "error:" in proc.stderr and "not_a_run" in proc.stderr

@@ -93,8 +93,8 @@ def test_every_parameter_gets_a_finite_nonzero_gradient_from_the_total_loss():
     seg_lbl[:, :8] = -1
     cls_img = torch.randn(2, 3, 64, 64)
     labels = [torch.tensor([6, 7]), torch.tensor([9])]
-    with torch.no_grad():  # warm the bank so the CA term is active
-        ca.loss(model(cls_img), labels, table(), s)
+    with torch.no_grad():  # warm the bank so the CA term is active (the loop's state phase)
+        ca.push(*ca.pending(model(cls_img), labels, table()))
     mu = table()
     g = model(seg_img)
     seg = knn_sampled_ce(upsample_embeddings(g, (64, 64)), seg_lbl, mu, 4, s, grid=g)

@@ -1,19 +1,24 @@
-"""scripts/predict.py end to end: every kind of input file, class subsets, unreadable files."""
+"""larvess-predict (scripts/predict.py) end to end: every kind of input file, class subsets,
+unreadable files; the Python API (larvess.Predictor) on the same code path."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
-from exported_model import CLI, INFER, load_script, read_array, run_script, smooth_image
+import torch
+from exported_model import CLI, INFER, read_array, run_script, smooth_image
 from PIL import Image
 
+from larvess.commands import predict
+from larvess.config import EvalConfig, Recipe, SourceConfig, dump_recipe
 from larvess.inference import slide_inference
+from larvess.predictor import Predictor, open_rgb
 from larvess.viz import overlay, palette
-
-predict = load_script("predict")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,7 @@ def photos(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray]]:
 def predicted(model, photos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pred")
     paths = [str(p) for p, _ in photos.values()]
-    assert predict.main(["--checkpoint", str(model.run), "--out", str(out)] + paths + CLI) == 0
+    assert predict.run(["--checkpoint", str(model.run), "--out", str(out)] + paths + CLI) == 0
     return out
 
 
@@ -89,7 +94,7 @@ def test_predict_full_vocabulary(model, photos, predicted, kind):
 def test_predict_class_subset(model, photos, tmp_path):
     out = tmp_path / "out"
     path, image = photos["rgb"]
-    code = predict.main(
+    code = predict.run(
         ["--checkpoint", str(model.run), "--out", str(out), "--classes", "sky, grass ,wall"]
         + [str(path)]
         + CLI
@@ -104,7 +109,7 @@ def test_predict_class_subset(model, photos, tmp_path):
     assert len(np.unique(want)) >= 2
 
     with pytest.raises(ValueError, match="unicorn"):
-        predict.main(["--checkpoint", str(model.run), "--classes", "sky,unicorn", str(path)])
+        predict.run(["--checkpoint", str(model.run), "--classes", "sky,unicorn", str(path)])
 
 
 def test_predict_unreadable_files(model, photos, tmp_path):
@@ -112,7 +117,7 @@ def test_predict_unreadable_files(model, photos, tmp_path):
     out = tmp_path / "out"
     files = [str(d / n) for n in ("rgb.jpg", "broken.jpg", "missing.png", "truncated.jpg")]
     args = ["--checkpoint", str(model.run), "--out", str(out)] + files + [str(d / "gray.png")] + CLI
-    assert predict.main(args) == 1
+    assert predict.run(args) == 1
     proc = run_script("predict", args[:3] + [str(out / "sub")] + args[4:])
     assert proc.returncode == 1, proc.stderr
     for name in ("broken.jpg", "missing.png", "truncated.jpg"):
@@ -122,3 +127,67 @@ def test_predict_unreadable_files(model, photos, tmp_path):
         for stem in ("rgb", "gray"):
             assert (o / f"{stem}_label.png").is_file() and (o / f"{stem}_overlay.png").is_file()
         assert not any((o / f"{s}_label.png").exists() for s in ("broken", "missing", "truncated"))
+
+
+@pytest.fixture(scope="module")
+def run_with_recipe(model, tmp_path_factory) -> Path:
+    """The tiny model's export in a run folder whose recipe.yaml has the INFER eval settings."""
+    run = tmp_path_factory.mktemp("run_with_recipe")
+    for name in ("model.pt", "vocab.json"):
+        shutil.copyfile(model.run / name, run / name)
+    recipe = Recipe(data=[SourceConfig(name="coco", root="unused")], eval=EvalConfig(**INFER))
+    dump_recipe(recipe, run / "recipe.yaml")
+    return run
+
+
+def test_predictor_and_command_agree_pixel_for_pixel(model, photos, run_with_recipe, tmp_path):
+    """Predictor.predict and larvess-predict (no window flags: both take the run's recipe)."""
+    out = tmp_path / "out"
+    paths = [photos[k][0] for k in ("rgb", "exif", "large")]
+    args = ["--checkpoint", str(run_with_recipe), "--out", str(out), "--device", "cpu"]
+    assert predict.run(args + ["--classes", "sky,grass,wall,tree"] + [str(p) for p in paths]) == 0
+    pred = Predictor.from_run(run_with_recipe, classes=["sky", "grass", "wall", "tree"])
+    assert pred.eval == EvalConfig(**INFER)
+    rows = [model.row_of[n] for n in ("sky", "grass", "wall", "tree")]
+    for path in paths:
+        labels, names = pred.predict(path)
+        assert names == ["sky", "grass", "wall", "tree"]
+        assert (
+            labels.dtype == np.int64
+            and labels.shape == read_array(out / f"{path.stem}_label.png").shape
+        )
+        np.testing.assert_array_equal(labels, read_array(out / f"{path.stem}_label.png"))
+        # = the protocol with the recipe's settings, computed without the Predictor
+        want = slide_inference(model.segmenter, model.mu[rows], open_rgb(path), **INFER).numpy()
+        np.testing.assert_array_equal(labels, want)
+    # the run's settings matter: slide_inference's own defaults (512 windows) predict otherwise
+    image = photos["rgb"][1]
+    default = slide_inference(model.segmenter, model.mu[rows], image).numpy()
+    assert (pred.predict(image)[0] != default).any()
+
+
+def test_predictor_class_lists(model, photos):
+    image = photos["rgb"][1]
+    whole = Predictor.from_run(model.run, device="cpu")
+    assert whole.names == model.names and whole.device == torch.device("cpu")
+    # plain strings are names (not lists of characters); a list is one class's synonyms
+    pred = Predictor.from_run(model.run, classes=["sky", ["edifice", "building"], "floor"])
+    assert pred.names == ["sky", "edifice", "floor"]
+    assert pred.rows.tolist() == [model.row_of[n] for n in ("sky", "building", "floor")]
+    assert pred.is_base.tolist() == [True, True, True]
+    labels, names = pred.predict(image, **INFER)
+    mu = model.mu[pred.rows]
+    np.testing.assert_array_equal(labels, slide_inference(model.segmenter, mu, image, **INFER))
+    with pytest.raises(TypeError, match="list of class names"):
+        Predictor.from_run(model.run, classes="sky")
+    with pytest.raises(ValueError, match=r"model\.pt: 1 of 2 classes.*unicorn"):
+        Predictor.from_run(model.run, classes=["sky", "unicorn"])
+
+
+def test_package_exports_predictor_and_version():
+    import larvess
+
+    assert larvess.Predictor is Predictor
+    assert larvess.__version__ == metadata.version("larvess")
+    with pytest.raises(AttributeError, match="nope"):
+        larvess.nope  # noqa: B018

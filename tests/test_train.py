@@ -8,12 +8,17 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+import yaml
 from conftest import ROOT, tiny
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from larvess.checkpoint import load_model
+from larvess.commands import train
+from larvess.data.transforms import MEAN, STD
 
 PY = sys.executable
-sys.path.insert(0, str(ROOT / "scripts"))
-import train  # noqa: E402
 
 
 def load_params(path: Path) -> dict:
@@ -103,11 +108,11 @@ def test_two_machines_of_one_process_each(world, tmp_path):
 
 def test_resume_matches_straight_run(world, tmp_path):
     runs = tmp_path / "runs"
-    train.main(tiny(world, runs, "straight", 6, "train.ckpt_every=3", imagenet=False))
-    train.main(tiny(world, runs, "split", 6, "train.ckpt_every=3", "train.stop_after=3",
+    train.run(tiny(world, runs, "straight", 6, "train.ckpt_every=3", imagenet=False))
+    train.run(tiny(world, runs, "split", 6, "train.ckpt_every=3", "train.stop_after=3",
                     imagenet=False))  # fmt: skip
     assert not (runs / "split" / "model.pt").exists()  # stopped half way
-    built = train.main(tiny(world, runs, "split", 6, "train.ckpt_every=3", imagenet=False))
+    built = train.run(tiny(world, runs, "split", 6, "train.ckpt_every=3", imagenet=False))
     assert built["step"] == 6
     a = load_params(runs / "straight" / "model.pt")
     b = load_params(runs / "split" / "model.pt")
@@ -150,26 +155,26 @@ def test_nan_losses_are_skipped_then_abort(world, tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(*a, **k):
-        terms = real(*a, **k)
+        out = real(*a, **k)
         calls["n"] += 1
         if calls["n"] in (2, 3):  # two bad steps, then healthy again
-            terms["total"] = terms["total"] * float("nan")
-        return terms
+            out.terms["total"] = out.terms["total"] * float("nan")
+        return out
 
     monkeypatch.setattr(engine, "compute_losses", poisoned)
     runs = tmp_path / "runs"
-    built = train.main(tiny(world, runs, "nan", 5, "train.ckpt_every=5", imagenet=False))
+    built = train.run(tiny(world, runs, "nan", 5, "train.ckpt_every=5", imagenet=False))
     assert built["step"] == 5 and built["bad_steps"] == 2
     assert (runs / "nan" / "model.pt").is_file()
 
     def always_nan(*a, **k):
-        terms = real(*a, **k)
-        terms["total"] = terms["total"] * float("nan")
-        return terms
+        out = real(*a, **k)
+        out.terms["total"] = out.terms["total"] * float("nan")
+        return out
 
     monkeypatch.setattr(engine, "compute_losses", always_nan)
     with pytest.raises(engine.TooManyBadSteps, match="consecutive"):
-        train.main(tiny(world, runs, "nan2", 10, "train.max_bad_steps=3", imagenet=False))
+        train.run(tiny(world, runs, "nan2", 10, "train.max_bad_steps=3", imagenet=False))
 
 
 def test_pc2_term_trains_on_a_second_view(world, tmp_path, monkeypatch):
@@ -177,15 +182,82 @@ def test_pc2_term_trains_on_a_second_view(world, tmp_path, monkeypatch):
 
     real, seen = engine.compute_losses, []
 
-    def recording(xs, mu, batches, sources, rows, ca, lo, views=None, *rest):
-        terms = real(xs, mu, batches, sources, rows, ca, lo, views, *rest)
-        seen.append(({k: float(v.detach()) for k, v in terms.items()}, views))
-        return terms
+    def recording(*a, **k):
+        out = real(*a, **k)
+        seen.append(({n: float(v.detach()) for n, v in out.terms.items()}, k["views"]))
+        return out
 
     monkeypatch.setattr(engine, "compute_losses", recording)
-    built = train.main(tiny(world, tmp_path / "runs", "pc2", 2, "loss.pc2_weight=0.5",
+    built = train.run(tiny(world, tmp_path / "runs", "pc2", 2, "loss.pc2_weight=0.5",
                             "loss.pc2_negatives=16", imagenet=False))  # fmt: skip
     assert built["step"] == 2
     terms, views = seen[-1]
     assert terms["pc2/wa"] > 0 and "pc2/coco" not in terms  # image-labelled sources only
     assert views[0] is None and views[1].shape[1] == 8  # the second view's embeddings [B,d,h,w]
+
+
+def test_backbone_export_loads_in_timm(world, tmp_path):
+    """RUN/backbone/ is timm's local-dir format: same features as larvess's backbone, and
+    larvess's normalisation and input size in its pretrained_cfg; the run's recipe.yaml records
+    the precision used; TensorBoard (accelerate's tracker) reads the scalars in RUN/tb."""
+    runs = tmp_path / "runs"
+    built = train.run(tiny(world, runs, "patch", 2, "model.stem=patch", imagenet=False))
+    assert built["step"] == 2 and built["precision"] == "fp32"  # toy.yaml: precision fp32
+    run = runs / "patch"
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["precision"] == "fp32"
+    assert sorted(p.name for p in (run / "backbone").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    bb = timm.create_model(f"local-dir:{run / 'backbone'}", pretrained=True).eval()
+    ours = load_model(run).segmenter.backbone
+    x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours.forward_features(x)
+        torch.testing.assert_close(bb.forward_features(x), want, rtol=0, atol=0)
+        # a model with timm's own random init differs: the weights really were loaded
+        fresh = timm.create_model(f"local-dir:{run / 'backbone'}", pretrained=False).eval()
+        assert not torch.allclose(fresh.forward_features(x), want)
+    cfg = timm.data.resolve_data_config({}, model=bb)
+    assert tuple(cfg["mean"]) == MEAN and tuple(cfg["std"]) == STD
+    assert tuple(cfg["input_size"]) == (3, 64, 64)  # model.img_size of the run
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert {"loss/total", "lr/head"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2]  # train.log_every=1
+
+
+def test_precision_auto_takes_the_launchers_and_cpu_bf16_trains(world, tmp_path):
+    """`accelerate launch --mixed_precision bf16` with train.precision=auto: a CPU bf16 run,
+    recorded in recipe.yaml; with the toy recipe's explicit fp32 the recipe wins."""
+    runs = tmp_path / "runs"
+    launch = [PY, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+              "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+              "-m", "larvess.commands.train"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = tiny(world, runs, "bf16", 2, "train.precision=auto", imagenet=False)
+    proc = subprocess.run(launch + args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precision bf16" in proc.stdout
+    assert (
+        yaml.safe_load((runs / "bf16" / "recipe.yaml").read_text())["train"]["precision"] == "bf16"
+    )
+    params = load_params(runs / "bf16" / "model.pt")["segmenter"]
+    floats = [v for v in params.values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats)  # autocast
+
+
+def test_bad_recipe_value_is_one_line_without_traceback(tmp_path):
+    bad = ["train.precision=fp8", "loss.nope=1", "loss.k=eight"]
+    for override in bad:
+        code = train.main([str(ROOT / "recipes" / "toy.yaml"), override])
+        assert code == 2, override
+    proc = subprocess.run([PY, str(ROOT / "scripts" / "train.py"), str(ROOT / "recipes" / "toy.yaml"),
+                           "train.precision=fp8"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"error: {ROOT / 'recipes' / 'toy.yaml'}: 'train.precision' = 'fp8' is invalid: "
+        "one of auto, bf16, fp16, fp32"
+    ], proc.stderr

@@ -1,4 +1,4 @@
-"""Runs scripts/train.py's main under a launcher and records what this process saw.
+"""Runs larvess-train's run (larvess/commands/train.py) under a launcher and records what this process saw.
 
 Used by tests/test_train.py as `accelerate launch ... tests/train_driver.py OUT RECIPE [overrides]`:
 writes OUT/rank<r>.pt with the sample keys drawn per source, the parameters and the CA bank.
@@ -10,11 +10,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import train  # noqa: E402
-
-from larvess import build  # noqa: E402
+from larvess import build
+from larvess.commands import train
 
 out = Path(sys.argv[1])
 seen: dict[str, list[str]] = {}
@@ -29,7 +26,7 @@ def recording_batches(*args, **kwargs):
 
 
 build.build_batches = recording_batches
-built = train.main(sys.argv[2:])
+built = train.run(sys.argv[2:])
 rank = int(os.environ.get("RANK", 0))  # set by the launcher; the group is gone by now
 net = built["accelerator"].unwrap_model(built["net"])
 torch.save(

@@ -1,0 +1,163 @@
+"""The Python API: a trained run as a predictor, ``Predictor.from_run(path).predict(image)``.
+
+    from larvess import Predictor
+    pred = Predictor.from_run("runs/c171_i21k", classes=["sky", "tree", "person"])
+    labels, names = pred.predict("photo.jpg")  # int64 [H, W] indexing names
+
+``larvess-predict`` / scripts/predict.py and ``larvess-eval`` / scripts/eval_ade.py go through the
+same ``from_run`` and ``predict``, so a notebook and the commands agree pixel for pixel. The
+sliding-window settings (window, stride, short side, windows per forward) are the run's own
+(the ``eval:`` section of its recipe.yaml; the EvalConfig defaults for a model.pt without one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from larvess.checkpoint import load_model, run_dir_of
+from larvess.config import EvalConfig, load_recipe
+from larvess.inference import slide_inference
+from larvess.model import Segmenter
+from larvess.synsets import synsets_for_class_list
+
+Image.MAX_IMAGE_PIXELS = None  # large photos are fine; inference resizes to the short side first
+
+ClassSpec = str | Sequence[str]  # a class name, or its synonyms (the first one is displayed)
+
+
+def open_rgb(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 [H, W, 3] with EXIF rotation applied and transparency over white.
+
+    Raises ValueError naming the file when it cannot be read as an image.
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read as an image ({err})") from err
+
+
+def _synonym_lists(classes: Sequence[ClassSpec]) -> list[list[str]]:
+    """Each entry a plain name or a list of synonyms -> a list of synonym lists."""
+    if isinstance(classes, str):
+        raise TypeError(
+            f"classes must be a list of class names, got the string {classes!r} "
+            f"(write [{classes!r}] for one class)"
+        )
+    out = []
+    for i, c in enumerate(classes):
+        syn = [c] if isinstance(c, str) else list(c)
+        if not syn or not all(isinstance(s, str) and s.strip() for s in syn):
+            raise ValueError(f"classes[{i}] = {c!r}: expected a class name or a list of names")
+        out.append([s.strip() for s in syn])
+    return out
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Predictor:
+    """A trained model ready for inference over a chosen set of classes (K of them)."""
+
+    segmenter: Segmenter
+    mu: torch.Tensor  # [K, d] unit rows of the chosen classes, on `device`
+    rows: torch.Tensor  # [K] their vocabulary rows
+    names: list[str]  # display name of each chosen class
+    is_base: torch.Tensor  # [K] bool: had pixel masks in training
+    eval: EvalConfig  # window / stride / short side of the run's recipe (defaults without one)
+    step: int  # training step of the loaded export
+    path: Path  # the model.pt loaded
+    device: torch.device
+
+    @classmethod
+    def from_run(
+        cls,
+        path: str | os.PathLike,
+        classes: Sequence[ClassSpec] | None = None,
+        device: str | torch.device | None = None,
+    ) -> Predictor:
+        """Load a run folder, a checkpoint folder or a model.pt.
+
+        Args:
+            path: run folder (its final model.pt, else its newest checkpoint), checkpoint
+                folder or model.pt file.
+            classes: the classes to choose from, each a name (``"sky"``) or a list of synonyms
+                (``["window", "windowpane"]``), matched to the model's vocabulary by name and
+                curated WordNet synset; None = the whole trained vocabulary.
+            device: where the model runs; None = CUDA when available, else the CPU.
+        Raises:
+            ValueError naming the model file and the classes it has no row for.
+        """
+        dev = torch.device(device) if device is not None else _default_device()
+        loaded = load_model(path)
+        vocab = loaded.vocab
+        if classes is None:
+            rows = torch.arange(len(vocab))
+            names = list(vocab.names)
+        else:
+            wanted = _synonym_lists(classes)
+            rows = vocab.match(wanted, synsets_for_class_list(wanted))
+            missing = [wanted[i][0] for i in torch.nonzero(rows < 0).flatten().tolist()]
+            if missing:
+                raise ValueError(
+                    f"{loaded.path}: {len(missing)} of {len(rows)} classes are not in the model's "
+                    f"vocabulary (e.g. {missing[:8]}); train with their names file in "
+                    "vocab.extra_names (with loss.negatives=all) so they get rows"
+                )
+            names = [c[0] for c in wanted]
+        recipe_file = run_dir_of(loaded.path) / "recipe.yaml"
+        ev = load_recipe(recipe_file).eval if recipe_file.is_file() else EvalConfig()
+        seg = loaded.segmenter.to(dev)
+        with torch.no_grad():
+            mu = loaded.table().to(dev)[rows.to(dev)]
+        is_base = vocab.is_base(rows)
+        return cls(seg, mu, rows, names, is_base, ev, loaded.step, loaded.path, dev)
+
+    def predict(
+        self,
+        image: np.ndarray | Image.Image | str | os.PathLike,
+        *,
+        window: int | None = None,
+        stride: int | None = None,
+        short_side: int | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, list[str]]:
+        """Segment one image with the run's sliding-window settings (keywords override them).
+
+        Args:
+            image: uint8 RGB [H, W, 3] array, a PIL image, or an image file path (EXIF rotation
+                applied, transparency over white).
+        Returns:
+            (labels, names): int64 [H, W] indices into ``names`` (this predictor's classes).
+        """
+        if isinstance(image, str | os.PathLike):
+            image = open_rgb(image)
+        ev = self.eval
+        labels = slide_inference(
+            self.segmenter,
+            self.mu,
+            image,
+            window=window or ev.window,
+            stride=stride or ev.stride,
+            short_side=short_side or ev.short_side,
+            batch_size=batch_size or ev.batch_size,
+            device=self.device,
+            amp=self.device.type == "cuda",
+            progress=progress,
+        )
+        return labels.numpy(), list(self.names)
