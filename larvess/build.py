@@ -52,7 +52,8 @@ def build_reader(s: SourceConfig, batch_size: int | None = None):
             **files,
         )
     if s.kind == "imagenet_wds":
-        # unreadable images were counted in skipped.txt when sharding; the stream never sees them
+        # files unreadable at sharding time are listed in OUT/.larvess/skipped.txt; shard data
+        # lost while training is counted per batch ("lost", "lost_shards": engine.TrainState)
         aug = TrainAugment(crop_size=s.crop_size, pad=False, **jitter)
         return ImageNetShards(s.root, transform=aug, names_file=s.names)
     raise ValueError(f"source '{s.name}': unknown kind {s.kind!r}")

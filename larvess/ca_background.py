@@ -89,6 +89,7 @@ def standardised_mse(fg: Tensor, bg: Tensor) -> Tensor:
 
 def background_scores(
     x: Tensor,
+    image: Tensor,
     s_fg: Tensor,
     target: Tensor,
     table: Tensor,
@@ -102,8 +103,14 @@ def background_scores(
     """The single-label background of P pairs at once, as the sum and count of S_b over the
     selected classes b (so S_bg = sum / count, or 1 - S_fg when the count is 0).
 
+    Steps 1-2 (raw cosines, top-5 means) and S_b depend on the image only, so they are computed
+    once per image (the d-long dot products); only the MSE filter and the choice are per pair.
+    With the tree an image carries its label's whole expansion, so this saves a factor of its
+    length.
+
     Args:
-        x: [P,Q,d] detached unit pixels of each pair's image.
+        x: [B,Q,d] detached unit pixels of the images.
+        image: [P] the image of each pair.
         s_fg: [P,Q] the label's memory score S_fg.
         target: [P] the label's row of ``table``.
         table: [R,d] the source's rows (raw cosine scores of steps 1-2).
@@ -113,18 +120,18 @@ def background_scores(
     Returns:
         (bg_sum [P,Q], bg_count [P]).
     """
-    P, Q, _ = x.shape
-    R = table.shape[0]
+    B, Q, _ = x.shape
+    P, R = len(image), table.shape[0]
     kk = min(topk, Q)
     bg_sum, bg_cnt = x.new_zeros(P, Q), torch.zeros(P, dtype=torch.long, device=x.device)
     block = block_elems(x.device, _SCORE_ELEMS, elem_bytes=x.element_size())
-    step = max(1, block // max(1, 2 * P * Q))  # two [P,Q,n] blocks: raw and memory scores
+    step = max(1, block // max(1, 2 * (B + P) * Q))  # per image and per pair [.,Q,n] blocks
     ids = torch.arange(R, device=x.device)
     for c0 in range(0, R, step):
         c1 = min(R, c0 + step)
-        raw = torch.einsum("pqd,nd->pqn", x, table[c0:c1].to(x.dtype))
-        top = raw.topk(kk, dim=1).values.mean(dim=1)  # [P,n]
-        s_b = torch.einsum("pqd,nd->pqn", x, means[c0:c1].to(x.dtype))
+        raw = torch.einsum("bqd,nd->bqn", x, table[c0:c1].to(x.dtype))
+        top = raw.topk(kk, dim=1).values.mean(dim=1)[image]  # [P,n]
+        s_b = torch.einsum("bqd,nd->bqn", x, means[c0:c1].to(x.dtype))[image]  # [P,Q,n]
         keep = (top > threshold) & (ids[None, c0:c1] != target[:, None]) & warm[None, c0:c1]
         if barred is not None:
             keep &= ~barred[:, c0:c1]

@@ -185,8 +185,9 @@ class CAClassifier(nn.Module):
         bg_threshold: float,
         bg_mse_threshold: float,
     ) -> Tensor:
-        """A [P,Q] for every pair: x [P,d,Q] each pair's image (unit, detached), table mu_s
-        [R,d] the source's rows, rows [R] their bank classes; pairs in local ids (< R)."""
+        """A [P,Q] for every pair: x [B,d,Q] the images (unit, detached), table mu_s [R,d] the
+        source's rows, rows [R] their bank classes; pairs in local ids (< R)."""
+        x_img, x = x, x[pairs.image]  # [B,d,Q], [P,d,Q]
         means = self.bank_mean(rows).to(x.dtype)  # [R,d]: the source's rings
         warm = self.warm(rows)  # [R]
         related = pairs.related_mask(len(rows))  # [P,R] with the tree: never background
@@ -203,7 +204,8 @@ class CAClassifier(nn.Module):
         if single:  # single-label images: the reference's threshold + MSE rule
             idx = torch.tensor(single).to(x.device, non_blocking=True)
             s_sum, s_cnt = background_scores(
-                x[idx].transpose(1, 2), s_fg[idx], pairs.target[idx], table, means, warm,
+                x_img.transpose(1, 2), pairs.image[idx], s_fg[idx], pairs.target[idx], table,
+                means, warm,
                 bg_threshold, bg_mse_threshold, self.bg_topk,
                 barred=None if related is None else related[idx],
             )  # fmt: skip
@@ -276,7 +278,7 @@ class CAClassifier(nn.Module):
         x = emb[pairs.image].flatten(2)  # [P,d,Q]
         with torch.no_grad():
             A = self.attention_of_pairs(
-                x.detach(), pairs, table.detach(), rows,
+                emb.detach().flatten(2), pairs, table.detach(), rows,
                 self.bg_threshold if bg_threshold is None else bg_threshold,
                 self.bg_mse_threshold if bg_mse_threshold is None else bg_mse_threshold,
             )  # fmt: skip

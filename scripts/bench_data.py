@@ -44,6 +44,7 @@ from larvess.data.imagenet_plan import PLAN_VERSION, Plan, assemble
 from larvess.data.imagenet_shards import check_shards, shard_name, write_shards
 from larvess.data.imagenet_wds import ImageNetShards
 from larvess.data.jpeg_check import prepare_jpeg
+from larvess.data.shard_format import manifest_path
 from larvess.data.toy import make_toy_world
 from larvess.data.transforms import TrainAugment
 
@@ -139,7 +140,7 @@ def plan_scale(n_items: int, n_shards: int, tmp: Path) -> dict:
     )
     res = json.loads(r.stdout.strip().splitlines()[-1])
     out = tmp / "shards"
-    (out / "manifests").mkdir(parents=True)
+    manifest_path(out, "x.tar").parent.mkdir(parents=True)
     args = {"name": "bench", "shard_size": 1000, "version": PLAN_VERSION}
     meta = {"args": args, "plan_id": "0123456789abcdef", "num_shards": n_shards}
     rng = np.random.default_rng(0)
@@ -149,7 +150,7 @@ def plan_scale(n_items: int, n_shards: int, tmp: Path) -> dict:
         (out / fn).write_bytes(data)
         rec = {"filename": fn, "num_samples": 1000, "size": len(data), "plan": meta["plan_id"],
                "sha1": hashlib.sha1(data).hexdigest(), "num_reencoded": 0, "skipped": []}  # fmt: skip
-        (out / "manifests" / f"{fn[:-4]}.json").write_text(json.dumps(rec))
+        manifest_path(out, fn).write_text(json.dumps(rec))
     for check_sha1 in (False, True):
         t0 = time.perf_counter()
         ok = check_shards(out, meta, list(range(n_shards)), check_sha1, 2, progress=False)
@@ -165,6 +166,7 @@ def _decode_only(img: Image.Image, label: None, rng: np.random.Generator) -> tup
 
 def _loader(shards: Path, aug, workers: int):
     ds = ImageNetShards(shards, transform=aug, seed=0, rank=0, world_size=1, shuffle_buffer=100)
+    ds.set_rows(torch.arange(len(ds.synsets)))  # the shards' own class ids
     it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
     next(it)  # worker start-up and the first shard open are not throughput
     return it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 from pathlib import Path
 
@@ -109,9 +110,11 @@ def write_coco_stuff(
 
     ``id_maps``: {image stem: int [H, W] labels.txt ids, 0 = unlabeled}. Layouts:
     "raw" (zip unpacked into annotations/), "raw_stuffthingmaps" (into stuffthingmaps/),
-    "mmseg" (raw PNGs + *_labelTrainIds.png beside them in annotations/), "detectron2"
-    (images in root/<split>/, raw stuffthingmaps/ + stuffthingmaps_detectron2/),
-    "detectron2_only" (no raw folder).
+    "mmseg" (raw PNGs + *_labelTrainIds.png beside them in annotations/), "zsseg"
+    (zsseg.baseline's prepare_coco_stuff_164k_sem_seg.py: images in root/<split>/, raw
+    stuffthingmaps/ + stuffthingmaps_detectron2/), "zsseg_only" (no raw folder), "catseg"
+    (CAT-Seg's prepare_coco_stuff.py: images/, raw annotations/ + annotations_detectron2/),
+    "catseg_only" (annotations_detectron2/ only).
     """
     lut = np.full(256, 255, np.int64)
     lut[COCO_KEPT_IDS] = np.arange(171)
@@ -119,16 +122,18 @@ def write_coco_stuff(
         h, w = ids.shape
         raw = np.where(ids == 0, 255, ids - 1)
         trainid = lut[ids]
-        d2 = layout.startswith("detectron2")
-        write_jpeg((root / split if d2 else root / "images" / split) / f"{stem}.jpg", h, w, n)
-        if layout in ("raw", "mmseg"):
+        zs = layout.startswith("zsseg")
+        write_jpeg((root / split if zs else root / "images" / split) / f"{stem}.jpg", h, w, n)
+        if layout in ("raw", "mmseg", "catseg"):
             write_png(root / "annotations" / split / f"{stem}.png", raw)
-        if layout in ("raw_stuffthingmaps", "detectron2"):
+        if layout in ("raw_stuffthingmaps", "zsseg"):
             write_png(root / "stuffthingmaps" / split / f"{stem}.png", raw, palette=True)
         if layout == "mmseg":
             write_png(root / "annotations" / split / f"{stem}_labelTrainIds.png", trainid)
-        if d2:
+        if zs:
             write_png(root / "stuffthingmaps_detectron2" / split / f"{stem}.png", trainid)
+        if layout.startswith("catseg"):
+            write_png(root / "annotations_detectron2" / split / f"{stem}.png", trainid)
 
 
 # --- the ADE20K_2021_17_01 download (input of scripts/prepare_ade847.py) ----------------------
@@ -143,6 +148,46 @@ def ade_seg_rgb(classes: np.ndarray, seed: int) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
+ADE_FULL_CLASSES = 3688  # objects of ADE20K_2021_17_01 (index_ade20k.pkl: C)
+ADE_INDEX_KEYS = (  # the 16 keys of the release's index_ade20k.pkl, its 'description' included
+    "filename", "folder", "scene", "objectIsPart", "objectPresence", "objectcounts",
+    "objectnames", "proportionClassIsPart", "wordnet_found", "wordnet_level1", "wordnet_synset",
+    "wordnet_hypernym", "wordnet_gloss", "wordnet_synonyms", "wordnet_frequency", "description",
+)  # fmt: skip
+
+
+def ade_full_index(files: list[str], folders: list[str], class_maps: list[np.ndarray]) -> dict:
+    """index_ade20k.pkl as the release ships it (the ADE20K toolkit's starter notebook lists the
+    keys): per-image lists, [C, N] float count arrays, per-class lists and arrays; scene names
+    with a leading '/' ('/street'). Counts: one instance per class present in the map."""
+    c, n = ADE_FULL_CLASSES, len(files)
+    presence = np.zeros((c, n), np.float64)  # float in the release ("It has 70.0 objects")
+    for i, m in enumerate(class_maps):
+        ids = np.unique(m)
+        presence[ids[(ids > 0) & (ids <= c)] - 1, i] = 1.0
+    names = [f"object{i}" for i in range(c)]
+    idx = {
+        "filename": list(files),
+        "folder": list(folders),
+        "scene": ["/" + f.rstrip("/").split("/")[-1] for f in folders],
+        "objectIsPart": np.zeros((c, n), np.float64),
+        "objectPresence": presence,
+        "objectcounts": presence.sum(axis=1),
+        "objectnames": names,
+        "proportionClassIsPart": np.zeros(c, np.float64),
+        "wordnet_found": np.ones(c, bool),
+        "wordnet_level1": names,
+        "wordnet_synset": [f"{x}.n.01" for x in names],
+        "wordnet_hypernym": ["entity.n.01"] * c,
+        "wordnet_gloss": [""] * c,
+        "wordnet_synonyms": names,
+        "wordnet_frequency": np.ones(c, np.float64),
+    }
+    idx["description"] = {k: f"{k} (fixture)" for k in idx}
+    assert tuple(idx) == ADE_INDEX_KEYS
+    return idx
+
+
 def make_ade_full_download(
     parent: Path, images: list[tuple[str, str, str, np.ndarray]], index: bool = True
 ) -> Path:
@@ -150,7 +195,8 @@ def make_ade_full_download(
 
     ``images``: (split, "<scene category>/<scene>", stem, int [H, W] full-ADE class map). Each
     image gets <stem>.jpg, <stem>_seg.png, <stem>.json and a <stem>/ folder of instance masks in
-    images/ADE/<split>/<scene>/; index_ade20k.pkl lists them ('folder' relative to parent).
+    images/ADE/<split>/<scene>/; index_ade20k.pkl (ade_full_index) lists them ('folder' relative
+    to parent).
     """
     ds = parent / "ADE20K_2021_17_01"
     folders, files = [], []
@@ -167,17 +213,43 @@ def make_ade_full_download(
     if index:
         import pickle
 
-        idx = {
-            "filename": files,
-            "folder": folders,
-            "objectnames": [f"object{i}" for i in range(3688)],
-            "scene": [f.split("/")[-1] for f in folders],
-            "objectPresence": np.zeros((3688, len(files)), np.uint8),
-        }
+        idx = ade_full_index(files, folders, [c for *_, c in images])
         with open(ds / "index_ade20k.pkl", "wb") as f:
             pickle.dump(idx, f)
     (ds / "objects.txt").write_text("objectnames\n")
     return ds
+
+
+# --- ImageNet class folders (input of the shard writer) --------------------------------------
+
+
+def image_bytes(rng: np.random.Generator, size: int = 24, mode: str = "RGB", **kw) -> bytes:
+    """A random image's file bytes: JPEG in `mode` (PNG for RGBA); kw go to PIL's save."""
+    a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    im = Image.fromarray(a).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG" if mode != "RGBA" else "PNG", **kw)
+    return buf.getvalue()
+
+
+def make_class_folders(root: Path, wnids: list[str]) -> tuple[Path, dict[str, bytes], set[str]]:
+    """root/<wnid>/*: 5 valid RGB JPEGs per class (one progressive) + odd files in class 2 (CMYK,
+    grey, PNG bytes under .JPEG, cut short, text). Returns (root, {rel path: bytes}, bad paths)."""
+    rng = np.random.default_rng(0)
+    files: dict[str, bytes] = {}
+    for w in wnids:
+        (root / w).mkdir(parents=True)
+        for i in range(5):
+            files[f"{w}/{w}_{i}.JPEG"] = image_bytes(rng, progressive=(i == 0))
+    odd = wnids[1]
+    files[f"{odd}/{odd}_cmyk.JPEG"] = image_bytes(rng, mode="CMYK")
+    files[f"{odd}/{odd}_grey.JPEG"] = image_bytes(rng, mode="L")
+    files[f"{odd}/{odd}_png.JPEG"] = image_bytes(rng, mode="RGBA")  # PNG under a .JPEG name
+    files[f"{odd}/{odd}_trunc.JPEG"] = image_bytes(rng, size=64)[:400]
+    files[f"{odd}/{odd}_text.JPEG"] = b"not an image\n"
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    return root, files, {f"{odd}/{odd}_trunc.JPEG", f"{odd}/{odd}_text.JPEG"}
 
 
 def read_tars(out: Path) -> dict[str, dict]:

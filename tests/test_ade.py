@@ -41,6 +41,7 @@ def test_ade847_tiff_keeps_65535_as_ignore(tmp_path):
         raw = _raw(root / "annotations_detectron2" / "training" / f"{key}.tif")
         assert (raw == 65535).any() and (raw == 299).any()  # PIL reads uint16 intact
         np.testing.assert_array_equal(label, np.where(raw == 65535, -1, raw))
+    ds.set_rows(torch.arange(300))
     s = ds.get(0, np.random.default_rng(0))
     vals = set(s["label"].unique().tolist())
     assert vals <= {-1, 0, 7, 255, 256, 299} and len(vals) > 1
@@ -161,9 +162,41 @@ def test_set_rows_protocol(tmp_path):
     d = make_ade150(tmp_path, n_images=1, n_classes=5)
     ds = AdeTrain(tmp_path, weak=True)
     assert ds.rows is None and ds.wnids is None and ds.root == d
+    with pytest.raises(RuntimeError, match=rf"AdeTrain {d}: set_rows\(rows\) was not called"):
+        ds.get(0, np.random.default_rng(0))  # local ids must not pass for vocabulary rows
     ds.set_rows(torch.tensor([4, 3, 2, 1, 0]))
     assert ds.rows.tolist() == [4, 3, 2, 1, 0]
     with pytest.raises(ValueError, match=rf"AdeTrain {d}: rows has shape \(4,\)"):
         ds.set_rows(torch.arange(4))
     with pytest.raises(ValueError, match="one row per class"):
         ds.rows = torch.arange(6)
+
+
+def test_ade150_detectron2_only_tree_and_a_tree_without_labels(tmp_path):
+    """detectron2's / CAT-Seg's conversion (uint8 v - 1, so 0 -> 255) with annotations/ gone reads
+    the same local ids as the zip's PNGs; with neither, the error says what is there."""
+    zip_tree = make_ade150(tmp_path / "zip", n_images=2, n_classes=5)
+    d2 = make_ade150(tmp_path / "d2", n_images=2, n_classes=5)
+    for split in ("training", "validation"):
+        src = d2 / "annotations" / split
+        for png in sorted(src.glob("*.png")):
+            raw = np.asarray(Image.open(png))
+            write_png(d2 / "annotations_detectron2" / split / png.name, raw - np.uint8(1))
+            png.unlink()
+        src.rmdir()
+    a, b = AdeTrain(zip_tree), AdeTrain(d2)
+    assert (a.label_kind, b.label_kind) == ("ade150", "ade150_detectron2")
+    for k in range(2):
+        np.testing.assert_array_equal(a.load(k)[1], b.load(k)[1])
+    ev = AdeEval(d2)
+    assert ev.label_kind == "ade150_detectron2"
+    np.testing.assert_array_equal(ev[0]["label"], AdeEval(zip_tree)[0]["label"])
+    bad = d2 / "annotations_detectron2" / "validation" / "ADE_validation_00000000.png"
+    write_png(bad, np.full((60, 90), 7))  # 7: not a class of 5 (0..4, 255 ignore)
+    with pytest.raises(ValueError, match=r"ADE_validation_00000000.png: label value 7 out of"):
+        _ = AdeEval(d2)[0]
+    empty = make_ade150(tmp_path / "e", n_images=1, n_classes=5)
+    for png in (empty / "annotations" / "training").glob("*.png"):
+        png.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no label PNGs for split 'training'.*present:"):
+        AdeTrain(empty)

@@ -150,7 +150,8 @@ def test_sample_rows_and_ignore(coco_root):
     exp_rows = {v + 200 for v in np.unique(expected[s["key"]]) if v >= 0}
     assert vals <= exp_rows | {-1} and vals & exp_rows
     # identity rows, without augmentation randomness in the comparison: same rng -> same sample
-    s2 = CocoStuff(root, transform=TrainAugment(crop_size=32)).get(0, np.random.default_rng(0))
+    ident = CocoStuff(root, rows=torch.arange(171), transform=TrainAugment(crop_size=32))
+    s2 = ident.get(0, np.random.default_rng(0))
     lab = s2["label"]
     assert torch.equal(torch.where(lab >= 0, lab + 200, lab), s["label"])
 
@@ -213,8 +214,10 @@ LAYOUTS = {  # fixture layout -> (detected layout, label format)
     "raw": ("raw", "raw182"),
     "raw_stuffthingmaps": ("raw", "raw182"),
     "mmseg": ("mmseg", "trainid171"),
-    "detectron2": ("detectron2", "trainid171"),
-    "detectron2_only": ("detectron2", "trainid171"),
+    "zsseg": ("zsseg", "trainid171"),
+    "zsseg_only": ("zsseg", "trainid171"),
+    "catseg": ("catseg", "trainid171"),
+    "catseg_only": ("catseg", "trainid171"),
 }
 
 
@@ -264,11 +267,11 @@ def test_each_layout_detected_and_read_with_the_right_class(tmp_path, layout, ca
 def test_precedence_and_explicit_override(tmp_path, capsys):
     root = tmp_path / "coco"
     scenes = _scenes()
-    write_coco_stuff(root, "detectron2", scenes)  # stuffthingmaps/ (raw) + _detectron2
+    write_coco_stuff(root, "zsseg", scenes)  # stuffthingmaps/ (raw) + _detectron2
     write_coco_stuff(root, "mmseg", scenes)  # annotations/: raw + _labelTrainIds
     ds = CocoStuff(root)
     err = capsys.readouterr().err
-    assert ds.layout == "detectron2" and ds.label_dir.name == "train2017"
+    assert ds.layout == "zsseg" and ds.label_dir.name == "train2017"
     assert "also present, not used: mmseg" in err and "raw (" in err
     assert ds.items[0][1].parent == root / "images" / "train2017"  # before root/train2017
     raw = CocoStuff(root, label_format="raw182")
@@ -346,8 +349,10 @@ def test_invalid_values_name_file_and_value(tmp_path):
 def test_set_rows_checks_length_and_names_root(tmp_path):
     root = tmp_path / "coco"
     write_coco_stuff(root, "raw", _scenes(1))
-    ds = CocoStuff(root)
+    ds = CocoStuff(root, transform=TrainAugment(crop_size=16))
     assert ds.rows is None
+    with pytest.raises(RuntimeError, match=rf"CocoStuff {root}: set_rows\(rows\) was not called"):
+        ds.get(0, np.random.default_rng(0))  # local ids must not pass for vocabulary rows
     with pytest.raises(ValueError, match=rf"CocoStuff {root}: rows has shape \(170,\)"):
         ds.set_rows(torch.arange(170))
     with pytest.raises(ValueError, match="one row per class"):
@@ -367,7 +372,11 @@ def test_names_file_precedence_and_missing_labels(tmp_path):
     assert CocoStuff(root, labels_file=tmp_path / "mine.txt").class_names[23] == ["my25"]
     (root / "labels.txt").write_text("\n".join(lines) + "\n")
     assert CocoStuff.read_class_names(root)[23] == ["my25"]
-    with pytest.raises(FileNotFoundError, match="no COCO-Stuff label maps for split 'val2017'"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no COCO-Stuff label maps for split 'val2017'; looked for .*annotations_detectron2"
+        r"/val2017/\*\.png.*Unzip stuffthingmaps_trainval2017\.zip into",
+    ):
         CocoStuff(root, split="val2017")
     with pytest.raises(FileNotFoundError, match="COCO-Stuff root not found"):
         CocoStuff(tmp_path / "nowhere")

@@ -1,225 +1,29 @@
-"""ImageNet WebDataset shards: round trip, odd inputs, kill + resume, timm, disjoint readers,
-shards from pipe: commands and URLs, the reader protocol (class_names, wnids, set_rows)."""
+"""The shard reader (imagenet_wds.ImageNetShards): disjoint ranks and workers, rows and
+transforms, undecodable samples, unreadable shards counted as lost, shards from pipe: commands and
+URLs, the reader protocol (class_names, wnids, set_rows). The writer: test_imagenet_shards.py."""
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from data_fixtures import read_tars
-from PIL import Image
+from data_fixtures import image_bytes, make_class_folders
 
-from larvess.data.imagenet_shards import UnreadableImage, prepare_jpeg, read_synsets, write_shards
+from larvess.data.imagenet_shards import write_shards
 from larvess.data.imagenet_wds import ImageNetShards
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = ["n00000001", "n00000002", "n00000003"]
 
 
-def _jpeg(rng: np.random.Generator, size: int = 24, mode: str = "RGB", **kw) -> bytes:
-    a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    im = Image.fromarray(a).convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG" if mode != "RGBA" else "PNG", **kw)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes], set[str]]:
-    """root/<wnid>/*: 5 valid RGB JPEGs per class (one progressive) + odd files in class 2."""
-    root = tmp_path_factory.mktemp("tree") / "in"
-    rng = np.random.default_rng(0)
-    files: dict[str, bytes] = {}
-    for w in WNIDS:
-        (root / w).mkdir(parents=True)
-        for i in range(5):
-            files[f"{w}/{w}_{i}.JPEG"] = _jpeg(rng, progressive=(i == 0))
-    odd = WNIDS[1]
-    files[f"{odd}/{odd}_cmyk.JPEG"] = _jpeg(rng, mode="CMYK")
-    files[f"{odd}/{odd}_grey.JPEG"] = _jpeg(rng, mode="L")
-    files[f"{odd}/{odd}_png.JPEG"] = _jpeg(rng, mode="RGBA")  # PNG bytes under a .JPEG name
-    files[f"{odd}/{odd}_trunc.JPEG"] = _jpeg(rng, size=64)[:400]
-    files[f"{odd}/{odd}_text.JPEG"] = b"not an image\n"
-    for rel, data in files.items():
-        (root / rel).write_bytes(data)
-    bad = {f"{odd}/{odd}_trunc.JPEG", f"{odd}/{odd}_text.JPEG"}
-    return root, files, bad
-
-
-def test_round_trip_and_odd_inputs(tree, tmp_path: Path) -> None:
-    root, files, bad = tree
-    info = write_shards(root, tmp_path, shard_size=4, seed=1, progress=False)
-    samples = read_tars(tmp_path)
-    by_path = {json.loads(s["json"])["path"]: s for s in samples.values()}
-    assert set(by_path) == set(files) - bad  # every readable input exactly once
-    for key, s in samples.items():
-        meta = json.loads(s["json"])
-        assert "." not in key and meta["wnid"] == meta["path"].split("/")[0]
-        assert int(s["cls"].decode("ascii")) == WNIDS.index(meta["wnid"])
-        im = Image.open(io.BytesIO(s["jpg"]))
-        assert im.format == "JPEG" and im.mode == "RGB"
-        odd = any(t in meta["path"] for t in ("cmyk", "grey", "png"))
-        assert meta["reencoded"] == odd
-        if not odd:
-            assert s["jpg"] == files[meta["path"]]  # valid JPEGs keep their bytes
-    orig = Image.open(io.BytesIO(files[f"{WNIDS[1]}/{WNIDS[1]}_grey.JPEG"])).convert("RGB")
-    grey = Image.open(io.BytesIO(by_path[f"{WNIDS[1]}/{WNIDS[1]}_grey.JPEG"]["jpg"]))
-    diff = np.abs(np.asarray(grey, float) - np.asarray(orig, float)).mean()
-    assert diff < 8  # re-encoded at quality 95
-    skipped = dict(ln.split("\t") for ln in (tmp_path / "skipped.txt").read_text().splitlines())
-    assert set(skipped) == bad
-    assert info["num_skipped"] == 2 and info["num_reencoded"] == 3
-    assert info["synsets"] == WNIDS and info["num_samples"] == len(samples) == 18
-    assert info["filenames"] == [f"imagenet-{i:06d}.tar" for i in range(5)]
-    counts = {n: sum(s["shard"] == n for s in samples.values()) for n in info["filenames"]}
-    assert info["shard_lengths"] == [counts[n] for n in info["filenames"]]
-    assert info["splits"]["train"]["shard_lengths"] == info["shard_lengths"]
-
-
-def test_header_verification(tree) -> None:
-    root, files, bad = tree
-    for rel, data in files.items():
-        if rel in bad:
-            for verify in ("decode", "header"):  # no end marker: header mode decodes too
-                with pytest.raises(UnreadableImage):
-                    prepare_jpeg(data, verify=verify)
-        elif "_cmyk" not in rel and "_grey" not in rel and "_png" not in rel:
-            assert prepare_jpeg(data, verify="header") == (data, False)
-    with pytest.raises(ValueError, match="verify"):
-        prepare_jpeg(b"", verify="full")
-
-
-def test_timm_reads_shards(tree, tmp_path: Path) -> None:
-    import timm.data
-
-    root, files, bad = tree
-    write_shards(root, tmp_path, shard_size=4, progress=False)
-    ds = timm.data.create_dataset("wds/imagenet", root=str(tmp_path), split="train")
-    got = sorted(t for _, t in ds)
-    want = sorted(WNIDS.index(p.split("/")[0]) for p in set(files) - bad)
-    assert got == want
-
-
-def test_max_per_class_and_synset_list(tree, tmp_path: Path) -> None:
-    root, _, _ = tree
-    lst = tmp_path / "synsets.txt"
-    lst.write_text("n00000003\nn00000009\nn00000001\n")
-    a = write_shards(root, tmp_path / "a", read_synsets(lst), max_per_class=2, progress=False)
-    b = write_shards(root, tmp_path / "b", read_synsets(lst), max_per_class=2, progress=False)
-    c = write_shards(root, tmp_path / "c", read_synsets(lst), 1000, 1, 7, 2, progress=False)
-    sa, sb, sc = (read_tars(tmp_path / d) for d in "abc")
-    assert sa == sb and a == b and a["missing_synsets"] == ["n00000009"]
-    wn = [json.loads(s["json"])["wnid"] for s in sa.values()]
-    assert sorted(wn) == ["n00000001"] * 2 + ["n00000003"] * 2  # n00000002 is not listed
-    assert all(
-        int(s["cls"])
-        == [0, 1, 2][["n00000003", "n00000009", "n00000001"].index(json.loads(s["json"])["wnid"])]
-        for s in sa.values()
-    )
-    assert set(sa) != set(sc)  # another seed picks other images (C(5,2)^2 = 100 choices)
-    assert a["num_samples"] == c["num_samples"] == 4
-
-
-def test_bad_arguments(tree, tmp_path: Path) -> None:
-    root, _, _ = tree
-    write_shards(root, tmp_path, shard_size=4, progress=False)
-    with pytest.raises(RuntimeError, match=r"plan\.json.*shard_size"):
-        write_shards(root, tmp_path, shard_size=5, progress=False)
-    with pytest.raises(ValueError, match="shard size"):
-        write_shards(root, tmp_path / "x", shard_size=0, progress=False)
-    with pytest.raises(FileNotFoundError, match="nope"):
-        write_shards(tmp_path / "nope", tmp_path / "y", progress=False)
-    bad = tmp_path / "bad.txt"
-    bad.write_text("n00000001\nfish\n")
-    with pytest.raises(ValueError, match=r"bad\.txt:2"):
-        read_synsets(bad)
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "shard_imagenet21k.py"),
-            "--root",
-            str(root),
-            "--out",
-            str(tmp_path),
-            "--shard-size",
-            "7",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and "error:" in r.stderr and "plan.json" in r.stderr
-
-
-def test_killed_run_resumes_to_identical_shards(tmp_path: Path) -> None:
-    root = tmp_path / "in"
-    rng = np.random.default_rng(1)
-    for c in range(4):
-        (root / f"n1000000{c}").mkdir(parents=True)
-        for i in range(40):
-            (root / f"n1000000{c}" / f"{i}.JPEG").write_bytes(_jpeg(rng, size=160))
-    cmd = [
-        sys.executable,
-        str(REPO / "scripts" / "shard_imagenet21k.py"),
-        "--root",
-        str(root),
-        "--shard-size",
-        "4",
-        "--seed",
-        "3",
-        "--reencode",
-        "--workers",
-        "2",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = tmp_path / "killed"
-    p = subprocess.Popen(
-        [*cmd, "--out", str(killed)], env=env, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 60
-    while not list(killed.glob("*.tar")) and time.time() < deadline and p.poll() is None:
-        time.sleep(0.005)
-    os.killpg(p.pid, signal.SIGKILL)  # the script and its pool workers
-    p.wait()
-    n_before = len(list(killed.glob("*.tar")))
-    assert 1 <= n_before < 40 and not (killed / "info.json").exists()
-    subprocess.run([*cmd, "--out", str(killed)], env=env, check=True, capture_output=True)
-    full = tmp_path / "full"
-    write_shards(root, full, shard_size=4, seed=3, reencode=True, progress=False)
-    names = sorted(p.name for p in full.glob("*.tar"))
-    assert names == sorted(p.name for p in killed.glob("*.tar")) and len(names) == 40
-    for n in names:  # byte-identical shards: no duplicate, no missing sample
-        assert (killed / n).read_bytes() == (full / n).read_bytes()
-    assert not list(killed.glob(".*tmp*"))
-    ik, ifull = (json.loads((d / "info.json").read_text()) for d in (killed, full))
-    assert ik == ifull and ik["num_samples"] == 160
-
-
-def test_resume_rewrites_damaged_shards(tree, tmp_path: Path) -> None:
-    root, _, _ = tree
-    write_shards(root, tmp_path / "ref", shard_size=4, progress=False)
-    out = tmp_path / "o"
-    write_shards(root, out, shard_size=4, progress=False)
-    (out / "imagenet-000001.tar").unlink()  # lost shard
-    with tarfile.open(out / "imagenet-000002.tar") as tf:  # shard with a sample missing
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()][:-3]
-    with tarfile.open(out / "imagenet-000002.tar", "w") as tf:
-        for m, data in members:
-            tf.addfile(m, io.BytesIO(data))
-    (out / ".imagenet-000003.tar.tmp-1").write_bytes(b"partial")
-    write_shards(root, out, shard_size=4, progress=False)
-    assert read_tars(out) == read_tars(tmp_path / "ref")
-    assert not (out / ".imagenet-000003.tar.tmp-1").exists()
+    return make_class_folders(tmp_path_factory.mktemp("tree") / "in", WNIDS)
 
 
 def _keys_by_shard(out: Path) -> dict[str, list[str]]:
@@ -230,7 +34,7 @@ def _keys_by_shard(out: Path) -> dict[str, list[str]]:
 
 
 def _draw(out: Path, rank: int, n: int, workers: int, **kw) -> list[str]:
-    ds = ImageNetShards(out, rank=rank, world_size=2, seed=5, **kw)
+    ds = ImageNetShards(out, rows=torch.arange(3), rank=rank, world_size=2, seed=5, **kw)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     return [s["key"] for s in itertools.islice(dl, n)]
 
@@ -260,7 +64,7 @@ def test_reader_rows_transform_and_corrupt(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     with wds.TarWriter(str(tmp_path / "x-000000.tar"), encoder=False) as tw:
         for i in range(6):
-            data = _jpeg(rng) if i != 3 else _jpeg(rng)[:60]  # sample 3 is undecodable
+            data = image_bytes(rng) if i != 3 else image_bytes(rng)[:60]  # sample 3 is undecodable
             tw.write({"__key__": f"k{i}", "jpg": data, "cls": str(i % 3).encode()})
     info = {
         "synsets": WNIDS,
@@ -294,7 +98,7 @@ def test_shards_from_pipe_and_file_url(tree, tmp_path: Path) -> None:
     info = write_shards(root, out, shard_size=4, progress=False)
     by_shard = _keys_by_shard(out)
     keys = set().union(*by_shard.values())
-    kw = dict(rank=0, world_size=1, shuffle_buffer=10)
+    kw = dict(rows=torch.arange(3), rank=0, world_size=1, shuffle_buffer=10)
     local = ImageNetShards(out, **kw)
     assert _all_keys(local, 200) == keys and local.num_samples == info["num_samples"]
     piped = ImageNetShards(f"pipe:cat {out}/imagenet-{{000000..000004}}.tar", **kw)
@@ -340,3 +144,83 @@ def test_reader_protocol(tree, tmp_path: Path) -> None:
     lazy = ImageNetShards(tmp_path / "sh")  # timm's table, read at first use: no fake wnids
     with pytest.raises(ValueError, match=r"imagenet_synset_to_lemma\.txt: no lemma for 3"):
         _ = lazy.class_names
+
+
+# --- lost data, label checks, rows before iterating -------------------------------------------
+
+
+def _small_shards(out: Path, cls: list[int] | None = None, n_shards: int = 3, per: int = 8):
+    """out/x-00000k.tar, k < n_shards, of `per` samples s<k>_<i> + info.json (3 synsets)."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    shards = []
+    for k in range(n_shards):
+        fn = f"x-{k:06d}.tar"
+        with wds.TarWriter(str(out / fn), encoder=False) as tw:
+            for i in range(per):
+                c = cls[i] if cls else i % 3
+                tw.write({"__key__": f"s{k}_{i}", "cls": str(c).encode(), "jpg": image_bytes(rng)})
+        shards.append({"filename": fn, "num_samples": per})
+    (out / "info.json").write_text(json.dumps({"synsets": WNIDS, "shards": shards}))
+    return out
+
+
+def _cut(tar: Path, sample: str, where: str) -> None:
+    """Truncate tar inside the data of `sample`'s first member, or at its header's start."""
+    with tarfile.open(tar) as tf:
+        m = next(m for m in tf.getmembers() if m.name.startswith(sample + "."))
+    at = m.offset_data + m.size // 2 if where == "data" else m.offset
+    tar.write_bytes(tar.read_bytes()[:at])
+
+
+@pytest.mark.parametrize("where", ["data", "boundary"])  # webdataset error / tarfile quiet end
+def test_truncated_shard_counts_lost_samples_and_goes_on(tmp_path: Path, where: str) -> None:
+    out = _small_shards(tmp_path)
+    _cut(out / "x-000001.tar", "s1_4", where)
+    ds = ImageNetShards(out, rows=torch.arange(3), rank=0, world_size=1, shuffle_buffer=1)
+    got = list(itertools.islice(iter(ds), 80))
+    keys = [s["key"] for s in got]
+    assert {k for k in keys if k.startswith("s1_")} == {f"s1_{i}" for i in range(4)}
+    assert {k[:2] for k in keys} == {"s0", "s1", "s2"}  # the other shards are still read
+    events = [(s["lost"], s["lost_shards"]) for s in got if s["lost"] or s["lost_shards"]]
+    assert events and all(e == (4, ["x-000001.tar"]) for e in events)  # 8 planned - 4 read
+    passes = keys.count("s1_0")  # each pass over shard 1 loses 4; the last may be unfinished
+    assert passes >= 2 and passes - 1 <= len(events) <= passes
+    assert ds.num_corrupt == 0  # nothing undecodable: the samples before the cut are whole
+
+
+def test_lost_counts_travel_through_loader_workers(tmp_path: Path) -> None:
+    from larvess.data.mixing import source_loader
+
+    out = _small_shards(tmp_path)
+    _cut(out / "x-000002.tar", "s2_6", "data")
+    ds = ImageNetShards(out, rows=torch.arange(3), shuffle_buffer=1)
+    batches = list(itertools.islice(source_loader(ds, 4, 2, seed=0), 30))
+    lost = [b["lost"] for b in batches]
+    assert all(isinstance(n, int) for n in lost) and sum(lost) > 0 and sum(lost) % 2 == 0
+    names = [n for b in batches for n in b["lost_shards"]]
+    assert set(names) == {"x-000002.tar"} and len(names) * 2 == sum(lost)
+
+
+def test_every_shard_unreadable_is_an_error(tmp_path: Path) -> None:
+    out = _small_shards(tmp_path)
+    for k in range(3):
+        _cut(out / f"x-00000{k}.tar", f"s{k}_0", "data")
+    ds = ImageNetShards(out, rows=torch.arange(3), rank=0, world_size=1)
+    with pytest.raises(RuntimeError, match=r"every shard of this stream failed.*x-00000"):
+        next(iter(ds))
+
+
+def test_rows_must_be_set_and_cls_in_range(tmp_path: Path) -> None:
+    out = _small_shards(tmp_path / "ok")
+    ds = ImageNetShards(out, rank=0, world_size=1)
+    with pytest.raises(RuntimeError, match=r"info\.json: set_rows\(rows\) was not called"):
+        next(iter(ds))
+    for bad in (3, -1):  # 3 synsets: 0..2; -1 would silently index the last row
+        d = tmp_path / f"bad{bad}"
+        _small_shards(d, cls=[0, 1, bad, 2, 0, 1, 2, 0], n_shards=1)
+        ds = ImageNetShards(d, rows=torch.arange(3), rank=0, world_size=1, shuffle_buffer=1)
+        with pytest.raises(ValueError, match=rf"x-000000\.tar: sample s0_2 has cls {bad}, outside"):
+            list(itertools.islice(iter(ds), 20))

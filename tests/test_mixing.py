@@ -76,6 +76,8 @@ def test_real_reader_through_loader_and_mixing(tmp_path):
     d = make_ade150(tmp_path, n_images=3, n_classes=5)
     weak = AdeTrain(d, weak=True, transform=TrainAugment(crop_size=32, pad=False))
     masks = AdeTrain(d, transform=TrainAugment(crop_size=32))
+    for ds in (weak, masks):
+        ds.set_rows(torch.arange(5))
     a = take(source_loader(weak, 2, 0, seed=1), 2)
     b = take(source_loader(weak, 2, 2, seed=1), 2)
     for x, y in zip(a, b):
@@ -129,6 +131,17 @@ def test_collate_and_bad_arguments():
     b = collate(samples)
     assert b["image"].shape == (2, 3, 4, 4) and b["label"].shape == (2, 4, 4)
     assert b["key"] == ["0", "1"] and [t.tolist() for t in b["labels"]] == [[0], [1]]
+    assert b["lost"] == 0 and b["lost_shards"] == []  # a source that loses nothing
+    samples[0] |= {"lost": 3, "lost_shards": ["a.tar", "b.tar"]}
+    samples[1] |= {"lost": 2, "lost_shards": ["c.tar"]}
+    b = collate(samples)
+    assert b["lost"] == 5 and b["lost_shards"] == ["a.tar", "b.tar", "c.tar"]
+    samples[1]["labels"] = torch.tensor([-2])
+    with pytest.raises(ValueError, match=r"sample '1': 'labels' holds -2, below -1"):
+        collate(samples)
+    samples[1]["labels"], samples[0]["label"] = torch.tensor([1]), torch.zeros(4, 4)
+    with pytest.raises(ValueError, match=r"sample '0': 'label' must be an integer tensor"):
+        collate(samples)
     with pytest.raises(ValueError, match="rank=2 world_size=2"):
         source_loader(Numbers(4), 2, 0, seed=0, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size=0"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from larvess import knn, numerics
+from larvess import numerics
 from larvess.pc2seg import (
     PC2SEG_NEGATIVES,
     pixel_contrastive_loss,

@@ -1,7 +1,10 @@
 """ADE20K-150 and ADE20K-full-847: training reader (masks or weak labels) and evaluation reader.
 
-ade150: root = ADEChallengeData2016 (or its parent) with images/<split>/*.jpg and
-annotations/<split>/*.png; PNG 0 = ignore, 1..N -> local 0..N-1; names from
+ade150: root = ADEChallengeData2016 (or its parent) with images/<split>/*.jpg and label PNGs in
+annotations/<split>/ as the zip ships them (0 = ignore, 1..N -> local 0..N-1), else in
+annotations_detectron2/<split>/ as detectron2's and CAT-Seg's prepare_ade20k_sem_seg.py /
+prepare_ade20k_150.py write them (uint8 value - 1: 0..N-1 local, 0 -> 255 = ignore); a split
+with neither is an error naming what was found and the command that writes the second. Names from
 root/objectInfo150.txt (it ships in ADEChallengeData2016.zip), else the package's
 larvess/meta/objectInfo150.txt, unless ``names_file`` (any number of lines).
 ade847: the detectron2 layout images_detectron2/<split>/*.jpg + annotations_detectron2/<split>/*.tif
@@ -36,8 +39,11 @@ from larvess.data.transforms import TrainAugment
 from larvess.names import read_names_file
 
 _IGNORE_847 = 65535
+_IGNORE_D2 = 255  # ignore of detectron2's converted ADE-150 PNGs
 ADE_FULL_DIR = "ADE20K_2021_17_01"
 PREPARE_SCRIPT = "scripts/prepare_ade847.py"
+# label file kinds: the zip's ADE-150 PNGs, detectron2's converted ones, the ADE-847 TIFFs
+LABEL_KINDS = ("ade150", "ade150_detectron2", "ade847")
 
 
 def _is_prepared_847(d: Path) -> bool:
@@ -103,22 +109,41 @@ def ade_class_names(
     return read_names_file(local if local and local.is_file() else meta_file("objectInfo150.txt"))
 
 
+def ade150_labels(d: Path, split: str) -> tuple[Path, str]:
+    """(label folder, label kind) of an ADE-150 split: annotations/ (the zip's PNGs), else
+    annotations_detectron2/ (detectron2's conversion); neither is an error saying what is there."""
+    raw, d2 = d / "annotations" / split, d / "annotations_detectron2" / split
+    if has_file(raw, ".png"):
+        return raw, "ade150"
+    if has_file(d2, ".png"):
+        return d2, "ade150_detectron2"
+    found = [str(p) for p in (d / "images" / split, raw, d2) if p.is_dir()]
+    raise FileNotFoundError(
+        f"ADE-150 {d}: no label PNGs for split {split!r} in {raw} (the zip's layout) or {d2} "
+        f"(detectron2's conversion, v - 1 with 0 -> 255); folders present: {found or 'none'}. "
+        "Unzip ADEChallengeData2016.zip there, or convert its annotations/ with detectron2's "
+        "datasets/prepare_ade20k_sem_seg.py"
+    )
+
+
 def ade_layout(
     root: str | Path,
     dataset: str,
     split: str,
     names_file: str | Path | None = None,
     skip_missing: bool = False,
-) -> tuple[list[list[str]], list[tuple[str, Path, Path]], int]:
-    """(class names, [(key, image, label)], number skipped) of an ADE folder."""
+) -> tuple[list[list[str]], list[tuple[str, Path, Path]], int, str]:
+    """(class names, [(key, image, label)], number skipped, label kind) of an ADE folder."""
     d = resolve_ade_root(root, dataset)
     names = ade_class_names(d, dataset, names_file)
     if dataset == "ade150":
-        dirs = (d / "images" / split, d / "annotations" / split, ".png")
+        lab_dir, kind = ade150_labels(d, split)
+        dirs = (d / "images" / split, lab_dir, ".png")
     else:
         dirs = (d / "images_detectron2" / split, d / "annotations_detectron2" / split, ".tif")
+        kind = "ade847"
     pairs, skipped = pair_files(dirs[0], ".jpg", dirs[1], dirs[2], skip_missing)
-    return names, pairs, skipped
+    return names, pairs, skipped, kind
 
 
 def resolve_ade_root(root: str | Path, dataset: str) -> Path:
@@ -130,30 +155,35 @@ def resolve_ade_root(root: str | Path, dataset: str) -> Path:
     raise ValueError(f"dataset must be 'ade150' or 'ade847', got {dataset!r}")
 
 
-def read_ade_label(path: str | Path, dataset: str, num_classes: int) -> np.ndarray:
-    """ADE label file -> int64 [H, W] local ids, -1 ignore; bad values raise naming the file."""
+def read_ade_label(path: str | Path, kind: str, num_classes: int) -> np.ndarray:
+    """ADE label file -> int64 [H, W] local ids, -1 ignore; bad values raise naming the file.
+
+    kind (LABEL_KINDS): "ade150" PNG 0 ignore, v -> v - 1; "ade150_detectron2" PNG 255 ignore,
+    v -> v; "ade847" TIFF 65535 ignore, v -> v."""
     raw = read_label(path).astype(np.int64)
-    if dataset == "ade150":
+    if kind == "ade150":
         label = raw - 1  # 0 (other) -> -1
-        bad = (label < -1) | (label >= num_classes)
         valid = f"0..{num_classes}"
+    elif kind in ("ade150_detectron2", "ade847"):
+        ignore = _IGNORE_D2 if kind == "ade150_detectron2" else _IGNORE_847
+        label = np.where(raw == ignore, -1, raw)
+        valid = f"0..{num_classes - 1} and {ignore}"
     else:
-        label = np.where(raw == _IGNORE_847, -1, raw)
-        bad = (label < -1) | (label >= num_classes)
-        valid = f"0..{num_classes - 1} and {_IGNORE_847}"
+        raise ValueError(f"label kind must be one of {LABEL_KINDS}, got {kind!r}")
+    bad = (label < -1) | (label >= num_classes)
     if bad.any():
         v = int(raw[bad].flat[0])
-        raise ValueError(f"{path}: label value {v} out of range (valid: {valid})")
+        raise ValueError(f"{path}: label value {v} out of range (valid: {valid}; {kind} labels)")
     return label
 
 
 def load_ade_item(
-    item: tuple[str, Path, Path], dataset: str, num_classes: int
+    item: tuple[str, Path, Path], kind: str, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(key, image path, label path) -> (uint8 [H, W, 3], int64 [H, W] local ids, key)."""
     key, img_path, lab_path = item
     image = read_rgb(img_path)
-    label = read_ade_label(lab_path, dataset, num_classes)
+    label = read_ade_label(lab_path, kind, num_classes)
     if label.shape != image.shape[:2]:
         raise ValueError(
             f"{img_path}: image size {image.shape[:2]} does not match {lab_path} {label.shape}"
@@ -165,8 +195,9 @@ class AdeTrain(RowsMixin, torch.utils.data.Dataset):
     """ADE training images with pixel masks, or crop label sets with ``weak=True`` (WA150/847).
 
     full=False: ADE20K-150 (dataset "ade150"); full=True: ADE20K-full-847 ("ade847").
-    Reader protocol: ``class_names``, ``wnids`` (None), ``set_rows`` / ``rows``; ``root`` is the
-    folder the data was found in.
+    Reader protocol: ``class_names``, ``wnids`` (None), ``set_rows`` / ``rows`` (``get`` refuses
+    to run before them); ``root`` is the folder the data was found in; ``label_kind`` the label
+    files read (LABEL_KINDS).
     """
 
     def __init__(
@@ -183,7 +214,7 @@ class AdeTrain(RowsMixin, torch.utils.data.Dataset):
         self.dataset = "ade847" if full else "ade150"
         self.weak = weak
         self.root = resolve_ade_root(root, self.dataset)
-        self.class_names, self.items, self.n_skipped = ade_layout(
+        self.class_names, self.items, self.n_skipped, self.label_kind = ade_layout(
             self.root, self.dataset, split or "training", names_file, skip_missing
         )
         self.set_rows(rows)
@@ -202,12 +233,12 @@ class AdeTrain(RowsMixin, torch.utils.data.Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
         """Unaugmented (image uint8 [H, W, 3], label int64 [H, W] local ids, key)."""
-        return load_ade_item(self.items[index], self.dataset, len(self.class_names))
+        return load_ade_item(self.items[index], self.label_kind, len(self.class_names))
 
     def get(self, index: int, rng: np.random.Generator) -> dict:
         image, label, key = self.load(index)
         x, y = self.transform(image, label, rng)
-        y = to_rows(y, self.rows)
+        y = to_rows(y, self.require_rows())
         if not self.weak:
             return {"image": x, "label": y, "key": key}
         return {"image": x, "labels": torch.unique(y[y >= 0]), "key": key}
@@ -233,11 +264,13 @@ class AdeEval(torch.utils.data.Dataset):
     ) -> None:
         self.dataset = dataset
         self.root = resolve_ade_root(root, dataset)
-        self.class_names, self.items, _ = ade_layout(self.root, dataset, split, names_file)
+        self.class_names, self.items, _, self.label_kind = ade_layout(
+            self.root, dataset, split, names_file
+        )
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        image, label, key = load_ade_item(self.items[index], self.dataset, len(self.class_names))
+        image, label, key = load_ade_item(self.items[index], self.label_kind, len(self.class_names))
         return {"image": image, "label": label, "key": key}

@@ -1,33 +1,40 @@
 """ADE20K_2021_17_01 (the full ADE20K download) -> the detectron2 ADE-847 layout the reader uses.
 
-The command line is scripts/prepare_ade847.py. root: the unzipped ADE20K_2021_17_01 folder, or the folder holding it. --out: where
-images_detectron2/ and annotations_detectron2/ go (default: the ADE20K_2021_17_01 folder itself,
-where detectron2-based code looks for them). Then pass --out (or its parent) as the ADE-847 root.
+The command line is larvess-prepare-ade847 (scripts/prepare_ade847.py; larvess/commands/). root:
+the unzipped ADE20K_2021_17_01 folder, or the folder holding it. --out: where images_detectron2/
+and annotations_detectron2/ go (default: the ADE20K_2021_17_01 folder itself, where
+detectron2-based code looks for them). Then pass --out (or its parent) as the ADE-847 root.
 
-Input, as the download unpacks: ADE20K_2021_17_01/index_ade20k.pkl (a pickled dict with, among
-others, 'filename' ['ADE_train_00000001.jpg', ...] and 'folder'
-['ADE20K_2021_17_01/images/ADE/training/<scene category>/<scene>', ...]) and the image tree
-images/ADE/{training,validation}/<scene category>/<scene>/ADE_{train,val,frame}_*.jpg, each image
-with its <stem>_seg.png beside it: RGB, object class = R // 10 * 256 + G (0 = unlabeled; B codes
-the instance), the class index of the full ADE20K object list.
+Input, as the download unpacks: ADE20K_2021_17_01/index_ade20k.pkl (a pickled dict of 16 keys:
+'filename' ['ADE_train_00000001.jpg', ...], 'folder'
+['ADE20K_2021_17_01/images/ADE/training/<scene category>/<scene>', ...], 'scene', the
+object statistics 'objectPresence' [C, N] float counts etc.; only 'folder' and 'filename' are
+read) and the image tree images/ADE/{training,validation}/<scene category>/<scene>/
+ADE_{train,val,frame}_*.jpg, each image with its <stem>_seg.png beside it: RGB, object class =
+R // 10 * 256 + G (0 = unlabeled; B codes the instance), the class index of the full ADE20K
+object list.
 
 Output: images_detectron2/<split>/<stem>.jpg and annotations_detectron2/<split>/<stem>.tif,
 uint16 TIFF, trainId 0..846 of larvess/meta/ade847_categories.tsv, 65535 for 0 (unlabeled) and
 for every class outside the 847. The TIFFs are deflate-compressed (lossless; PIL and libtiff
-readers decode them as they are; --compression none writes them uncompressed as MaskFormer does,
-at a few MB per full-resolution label map).
+readers decode them as they are; --compression none writes them uncompressed as MaskFormer does).
 
-Choices, compared with the widely used MaskFormer datasets/prepare_ade20k_full_sem_seg.py:
-- Class mapping as there: the decoded value R // 10 * 256 + G is looked up directly in the
-  ade_full_id column of ade847_categories.tsv (MaskFormer's "id" of the same trainId), no offset.
-- The split comes from the folder (images/ADE/training or validation), MaskFormer uses the file
-  name (ADE_val_* -> validation, anything else -> training); they should agree on the download.
-- Images are hard-linked (copied where linking fails; --images copy / symlink) and labels keep
-  the full resolution. MaskFormer resizes both so that the shorter side is at most 512 (cv2
-  bilinear image re-encoded as JPEG, cv2 nearest label). --max-short-side 512 does the same with
-  PIL (image: bilinear, JPEG quality 90; label: nearest, source pixel floor(x * scale) as cv2's
-  INTER_NEAREST); the images are then not bit-identical to MaskFormer's.
-- Both splits by default (some copies of MaskFormer's script write the validation split only).
+As MaskFormer's datasets/prepare_ade20k_full_sem_seg.py (the script behind the detectron2
+ADE-847 layout that LarvSeg and its peers evaluate on):
+- Class mapping: the decoded value R // 10 * 256 + G is looked up directly in the ade_full_id
+  column of ade847_categories.tsv (MaskFormer's "id" of the same trainId), no offset.
+- Size: by default (max_short_side=512) an image whose shorter side is above 512 is resized so
+  that it is 512, the longer side round(long / short * 512) (Python's round, as there). The
+  label is resized with OpenCV's INTER_NEAREST rule and the image with OpenCV's INTER_LINEAR
+  rule (cv_resize.py: numpy, no OpenCV needed): labels are pixel-identical to MaskFormer's,
+  images within 1 grey level before JPEG coding. Resized images are saved as JPEG quality 75,
+  PIL's default, which MaskFormer's Image.save uses. max_short_side=0 keeps the full size.
+- Differences: the split comes from the folder (images/ADE/training or validation), MaskFormer
+  uses the file name (ADE_val_* -> validation, anything else -> training); they agree on the
+  download. Images that are not resized keep their bytes (hard-linked, copied where linking
+  fails; --images copy / symlink): MaskFormer re-encodes them at quality 75 too. Grayscale
+  JPEGs are written as RGB. Both splits by default (some copies of MaskFormer's script write
+  the validation split only).
 
 Image list: index_ade20k.pkl's 'folder' + 'filename' when present (pickle: run this only on a
 download you trust; --no-index never opens it), else a walk of images/ADE/{training,validation}
@@ -58,6 +65,7 @@ from PIL import Image, features
 from tqdm import tqdm
 
 from larvess.data.ade import ADE_FULL_DIR
+from larvess.data.cv_resize import resize_linear, resize_nearest
 from larvess.meta import ADE847_NAMES
 
 ADE_DIR = ADE_FULL_DIR
@@ -66,6 +74,8 @@ IGNORE = 65535
 SPLITS = ("training", "validation")
 MAX_CLASS = 25 * 256 + 255  # largest R // 10 * 256 + G of an 8-bit RGB mask
 SKIPPED_FILE = "prepare_ade847_skipped.txt"
+MAX_SHORT_SIDE = 512  # MaskFormer's max_size
+JPEG_QUALITY = 75  # PIL's default, what MaskFormer's Image.fromarray(img).save(...) writes
 
 _LUT: np.ndarray | None = None  # per worker: full ADE class -> trainId (IGNORE elsewhere)
 
@@ -147,7 +157,8 @@ def list_index(ds: Path) -> list[tuple[str, Path]]:
 
 
 def target_size(size: tuple[int, int], max_short: int) -> tuple[int, int]:
-    """(w, h) after MaskFormer's resize: shorter side at most max_short (0 = keep)."""
+    """(w, h) after MaskFormer's resize: shorter side at most max_short (0 = keep); the longer
+    side round(long / short * max_short), Python's round as MaskFormer's script."""
     w, h = size
     if max_short <= 0 or min(w, h) <= max_short:
         return w, h
@@ -204,13 +215,6 @@ def place_image(src: Path, dst: Path, mode: str) -> str:
     return how
 
 
-def _resize_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = a.shape
-    rows = np.minimum((np.arange(size[1]) * (h / size[1])).astype(np.int64), h - 1)
-    cols = np.minimum((np.arange(size[0]) * (w / size[0])).astype(np.int64), w - 1)
-    return a[rows[:, None], cols[None, :]]
-
-
 def _init(lut: np.ndarray) -> None:
     global _LUT
     _LUT = lut
@@ -258,7 +262,7 @@ def convert_one(job: tuple) -> dict:
             rec["annotated"] = int((cls > 0).sum())
             rec["unmapped"] = int(((cls > 0) & (lab == IGNORE)).sum())
             if resized:
-                lab = _resize_nearest(lab, size)
+                lab = resize_nearest(lab, size)
             tmp = _tmp(lab_dst)
             im = Image.fromarray(np.ascontiguousarray(lab, dtype=np.uint16))
             im.save(tmp, format="TIFF", compression=compression)
@@ -266,9 +270,9 @@ def convert_one(job: tuple) -> dict:
         if not img_ok:
             if resized:
                 with Image.open(jpg) as im:
-                    small = im.convert("RGB").resize(size, Image.BILINEAR)
+                    small = Image.fromarray(resize_linear(np.asarray(im.convert("RGB")), size))
                 tmp = _tmp(img_dst)
-                small.save(tmp, format="JPEG", quality=90)
+                small.save(tmp, format="JPEG", quality=JPEG_QUALITY)
                 os.replace(tmp, img_dst)
                 rec["how"] = "resized"
             else:
@@ -285,7 +289,7 @@ def prepare(
     out: str | Path | None = None,
     splits: tuple[str, ...] = SPLITS,
     images: str = "link",
-    max_short_side: int = 0,
+    max_short_side: int = MAX_SHORT_SIDE,
     workers: int = 1,
     use_index: bool = True,
     table: str | Path = TABLE,

@@ -3,14 +3,19 @@
 Layouts, detected from the folder and file names under ``root`` (split in {train2017, val2017});
 the first one present wins, and the choice is announced once:
 
-1. "detectron2": root/stuffthingmaps_detectron2/<split>/*.png, trainid171 (MaskFormer's
-   datasets/prepare_coco_stuff_164k_sem_seg.py output).
-2. "mmseg": root/annotations/<split>/*_labelTrainIds.png, trainid171 (mmseg's
+1. "zsseg": root/stuffthingmaps_detectron2/<split>/*.png, trainid171 (zsseg.baseline's
+   datasets/prepare_coco_stuff_164k_sem_seg.py writes them from stuffthingmaps/, a script SAN
+   ships too; images in root/<split>/).
+2. "catseg": root/annotations_detectron2/<split>/*.png, trainid171 (CAT-Seg's
+   datasets/prepare_coco_stuff.py writes them from annotations/ in its coco-stuff/ tree;
+   images in root/images/<split>/).
+3. "mmseg": root/annotations/<split>/*_labelTrainIds.png, trainid171 (mmseg's
    tools/dataset_converters/coco_stuff164k.py writes them beside the raw PNGs).
-3. "raw": root/annotations/<split>/*.png other than *_labelTrainIds.png, raw182 (the
-   stuffthingmaps_trainval2017.zip unpacked into annotations/, as the COCO-Stuff README says).
-4. "raw": root/stuffthingmaps/<split>/*.png, raw182 (the same zip unpacked into stuffthingmaps/,
-   as detectron2/MaskFormer expect before their conversion).
+4. "raw": root/annotations/<split>/*.png other than *_labelTrainIds.png, raw182 (the
+   stuffthingmaps_trainval2017.zip unpacked into annotations/, as the COCO-Stuff README and
+   CAT-Seg say).
+5. "raw": root/stuffthingmaps/<split>/*.png, raw182 (the same zip unpacked into stuffthingmaps/,
+   as zsseg.baseline expects before its conversion).
 
 Converted layouts come first: a raw folder beside one is normally the conversion's input.
 Images: root/images/<split>/*.jpg, else root/<split>/*.jpg (detectron2's coco/ folder).
@@ -85,7 +90,8 @@ def coco_stuff_layouts(root: Path, split: str) -> list[tuple[str, Path, str, tup
     """Candidate layouts in precedence order: (name, label dir, suffix, excluded, format)."""
     ann, stm = root / "annotations" / split, root / "stuffthingmaps" / split
     return [
-        ("detectron2", root / "stuffthingmaps_detectron2" / split, ".png", (), "trainid171"),
+        ("zsseg", root / "stuffthingmaps_detectron2" / split, ".png", (), "trainid171"),
+        ("catseg", root / "annotations_detectron2" / split, ".png", (), "trainid171"),
         ("mmseg", ann, TRAINID_SUFFIX, (), "trainid171"),
         ("raw", ann, ".png", (TRAINID_SUFFIX,), "raw182"),
         ("raw", stm, ".png", (TRAINID_SUFFIX,), "raw182"),
@@ -105,7 +111,10 @@ def detect_layout(
     if not found:
         looked = ", ".join(f"{c[1]}/*{c[2]}" for c in cands)
         raise FileNotFoundError(
-            f"no COCO-Stuff label maps for split {split!r}; looked for {looked}"
+            f"no COCO-Stuff label maps for split {split!r}; looked for {looked}. Unzip "
+            f"stuffthingmaps_trainval2017.zip into {root / 'annotations'} (the raw layout; "
+            "COCO-Stuff's README), or run your toolkit's conversion (zsseg.baseline, CAT-Seg, "
+            "mmseg: the layouts in larvess/data/coco_stuff.py)"
         )
     if label_format is None:
         chosen, fmt = found[0], found[0][4]
@@ -130,7 +139,8 @@ def detect_layout(
 
 
 def image_dir(root: Path, split: str) -> Path:
-    """root/images/<split> (COCO-Stuff, mmseg), else root/<split> (detectron2's coco/)."""
+    """root/images/<split> (COCO-Stuff, mmseg, CAT-Seg), else root/<split> (detectron2's coco/,
+    as zsseg.baseline uses it)."""
     d = root / "images" / split
     return d if d.is_dir() or not (root / split).is_dir() else root / split
 
@@ -154,7 +164,7 @@ def ann_to_mask(seg: list | dict, h: int, w: int) -> np.ndarray:
 class CocoStuff(RowsMixin, torch.utils.data.Dataset):
     """COCO-Stuff-164k with pixel masks; ``get(i, rng)`` gives an augmented sample.
 
-    Attributes: ``layout`` ("detectron2", "mmseg", "raw" or "json"), ``label_format``
+    Attributes: ``layout`` ("zsseg", "catseg", "mmseg", "raw" or "json"), ``label_format``
     ("raw182" / "trainid171"; None for json), ``label_dir``, ``class_names``, ``wnids`` (None),
     ``rows`` (see ``set_rows``), ``items`` [(key, image, label)], ``n_skipped``.
     """
@@ -349,7 +359,7 @@ class CocoStuff(RowsMixin, torch.utils.data.Dataset):
     def get(self, index: int, rng: np.random.Generator) -> dict:
         image, label, key = self.load(index)
         x, y = self.transform(image, label, rng)
-        return {"image": x, "label": to_rows(y, self.rows), "key": key}
+        return {"image": x, "label": to_rows(y, self.require_rows()), "key": key}
 
     def __getitem__(self, index: int) -> dict:
         return self.get(index, np.random.default_rng())

@@ -15,7 +15,7 @@ the listing order, the worker count or the machine.
 
 Memory: one `Plan` holds per-item numpy arrays only (name offset int64, data offset int64, size
 int64, key suffix uint16, order int32) plus the names' bytes, ~50 bytes per image; per-class data
-(source, tar size) lives in plan.json. Listing builds Python objects for one class at a time.
+(source, tar size) lives in plan.json (in OUT/.larvess/, shard_format.py). Listing builds Python objects for one class at a time.
 Files that cannot be listed (hidden files, links inside tars, a tar cut short or with a damaged
 header) are recorded with a reason and end up in skipped.txt.
 """
@@ -36,9 +36,10 @@ import numpy as np
 from tqdm import tqdm
 
 from larvess.data.jpeg_check import VERIFY_MODES
+from larvess.data.shard_format import PLAN_JSON, PLAN_NPZ, state_dir
+from larvess.names import WNID
 
 PLAN_VERSION = 2
-WNID = re.compile(r"^n\d{8}$")
 _TAR = re.compile(r"^(n\d{8})\.tar$")
 ARRAYS = ("class_start", "name_off", "names", "data_off", "size", "dup", "order")
 
@@ -366,12 +367,14 @@ def make_plan(
 def load_or_make_plan(
     out: Path, root: Path, synsets: list[str], args: dict, workers: int = 1, progress: bool = True
 ) -> Plan:
-    """Reuse out/plan.json + plan.npz when made with the same args; else error or create them.
+    """Reuse OUT/.larvess/plan.json + plan.npz when made with the same args; else error or
+    create them.
 
     Both files go to temp names and are renamed into place, plan.npz first: a plan.json means a
     complete plan. Ranks of a multi-node run that list at the same time write identical files.
     """
-    pj, pz = out / "plan.json", out / "plan.npz"
+    st = state_dir(out)
+    pj, pz = st / PLAN_JSON, st / PLAN_NPZ
     digest = args_hash(args)
     if pj.exists():
         meta = json.loads(pj.read_text())
@@ -386,9 +389,9 @@ def load_or_make_plan(
     plan = make_plan(root, synsets, args, workers, progress)
     if plan.num_items == 0:
         raise RuntimeError(f"no image files under {root} for the {len(synsets)} synsets")
-    out.mkdir(parents=True, exist_ok=True)
+    st.mkdir(parents=True, exist_ok=True)
     plan.save(pz)
-    tmp = out / f".plan.json.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp = st / f".plan.json.tmp-{socket.gethostname()}-{os.getpid()}"
     tmp.write_text(json.dumps(plan.meta))
     os.replace(tmp, pj)
     return plan

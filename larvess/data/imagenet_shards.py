@@ -4,23 +4,28 @@ Input: `root` holds per-class tars `nXXXXXXXX.tar` (the fall11 / winter21 releas
 folders `nXXXXXXXX/`, or a mix (imagenet_plan.py: listing and the plan). Tar members are read in
 place with one pread each (offsets from the plan); nothing is extracted.
 
-Shards are `<name>-000000.tar, ...`; a sample has `__key__` (no dots), `jpg` (the original bytes
-when the file is a valid RGB JPEG, else the image converted to RGB and saved as JPEG quality 95;
-jpeg_check.py), `cls` (ascii int: index into the synset list) and `json` ({"wnid", "path",
-"reencoded"}; path = `<wnid>/<file>` or `<wnid>.tar/<member>`). `info.json` follows timm's wds
-reader format (`splits.train.{filenames, shard_lengths, num_samples}`) and adds the synset list,
-per-shard sizes and sha1s, and writer statistics.
+Output folder (shard_format.py): at its top only the shards `<name>-000000.tar, ...` and
+`info.json`; the writer's own files in `OUT/.larvess/`. A sample has `__key__` (no dots), `jpg`
+(the original bytes when the file is a valid RGB JPEG, else the image converted to RGB and saved
+as JPEG quality 95; jpeg_check.py), `cls` (ascii int: index into the synset list) and `json`
+({"wnid", "path", "reencoded"}; path = `<wnid>/<file>` or `<wnid>.tar/<member>`). `info.json`
+follows timm's wds reader format (`splits.train.{filenames, shard_lengths, num_samples}`), is a
+wids shard index (`wids-shard-index-v1`: `shardlist` of url / nsamples / filesize / md5sum) and
+adds the synset list, per-shard sizes and sha1s, and writer statistics.
 
 Writing is resumable and can be split over machines:
 - the plan (sample order, shard assignment) is a deterministic function of the arguments and the
-  listed names; it is saved first (plan.json + plan.npz) and reused by every later run;
+  listed names; it is saved first (.larvess/plan.json + plan.npz) and reused by every later run;
 - each shard goes to a temp name, is renamed when complete, then its manifest
-  `manifests/<shard>.json` (sample count, size, sha1, skipped files) is written;
+  `.larvess/manifests/<shard>.json` (sample count, size, sha1, md5, skipped files) is written;
 - a re-run keeps every shard whose manifest matches the plan and whose size matches the manifest
   (and sha1, with check_sha1), checked in parallel, and rewrites the others;
 - `num_nodes=N, node_rank=I` writes the shards i with i % N == I; whichever rank finds every
-  manifest present when it finishes writes `skipped.txt` and `info.json` (or `merge_shards`).
-  Shards and info.json are byte-identical to a single-machine run with the same arguments.
+  manifest present when it finishes writes `.larvess/skipped.txt` and `info.json` (or
+  `merge_shards`). Shards and info.json are byte-identical to a single-machine run with the same
+  arguments.
+A folder written by an older version (plan and manifests at the top) is moved into this layout
+on the next run (shard_format.migrate_old_layout); its shards are kept.
 """
 
 from __future__ import annotations
@@ -30,15 +35,20 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import socket
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from larvess.data.imagenet_manifests import (
+    atomic_write,
+    check_shards,
+    merge_shards,
+    shard_name,
+    temp_name,
+)
 from larvess.data.imagenet_plan import (
-    WNID,
     Plan,
     find_sources,
     key_for,
@@ -47,6 +57,16 @@ from larvess.data.imagenet_plan import (
     read_synsets,
 )
 from larvess.data.jpeg_check import UnreadableImage, prepare_jpeg
+from larvess.data.shard_format import (
+    CLS,
+    JPG,
+    JSON,
+    MANIFESTS,
+    manifest_path,
+    migrate_old_layout,
+    state_dir,
+)
+from larvess.names import WNID
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -58,20 +78,6 @@ __all__ = [
     "shard_name",
     "write_shards",
 ]
-
-
-def shard_name(name: str, i: int) -> str:
-    return f"{name}-{i:06d}.tar"
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tar_member(name: str, data: bytes) -> bytes:
@@ -109,7 +115,7 @@ class _Reader:
             os.close(fd)
             raise RuntimeError(
                 f"{path}: {got} bytes, but {want} when the plan was made: the data changed; "
-                "use a new --out, or delete OUT/plan.json to list it again (every shard is then "
+                "use a new --out, or delete OUT/.larvess/plan.json to list it again (every shard is then "
                 "rewritten)"
             )
         if len(self.fds) >= self.max_open:
@@ -134,26 +140,41 @@ class _Reader:
         self.fds.clear()
 
 
-_ctx: dict = {}  # the writer's state, set before the pool forks (workers share the plan)
+@dataclass(frozen=True)
+class WriterState:
+    """What write_shard needs: the plan, the output folder, the data root and (in a pool) the
+    shared progress counter (a multiprocessing Value, or None)."""
+
+    plan: Plan
+    out: Path
+    root: Path
+    counter: object | None = None
 
 
-def _init_worker(counter) -> None:
-    _ctx["counter"] = counter
+# A pool worker's WriterState: set once per worker by the pool initializer from its initargs
+# (fork: inherited, so the plan's arrays are not pickled per task). Only _write_in_worker reads it.
+_WORKER_STATE: WriterState | None = None
 
 
-def _clean(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+def _init_worker(state: WriterState) -> None:
+    global _WORKER_STATE
+    _WORKER_STATE = state
 
 
-def write_shard(i: int) -> dict:
+def _write_in_worker(i: int) -> dict:
+    assert _WORKER_STATE is not None, "pool worker started without _init_worker"
+    return write_shard(_WORKER_STATE, i)
+
+
+def write_shard(state: WriterState, i: int) -> dict:
     """Write shard i to a temp name, rename it when complete, then write its manifest."""
-    plan, out, root = _ctx["plan"], _ctx["out"], _ctx["root"]
-    args, counter = plan.meta["args"], _ctx.get("counter")
+    plan, out, root, counter = state.plan, state.out, state.root, state.counter
+    args = plan.meta["args"]
     synsets, sources = plan.meta["synsets"], plan.meta["sources"]
     final = out / shard_name(args["name"], i)
-    tmp = _tmp(final)
+    tmp = temp_name(final)
     skipped, n, n_re, size = [], 0, 0, 0
-    sha = hashlib.sha1()
+    sha, md5 = hashlib.sha1(), hashlib.md5()  # md5: wids' index field
     reader = _Reader(root, plan)
     idx, cls = plan.shard(i)
     try:
@@ -168,10 +189,11 @@ def write_shard(i: int) -> dict:
                 else:
                     key = _key(synsets[c], name, int(plan.dup[j]))
                     meta = json.dumps({"wnid": synsets[c], "path": rel, "reencoded": re_})
-                    for ext, b in (("cls", b"%d" % c), ("jpg", data), ("json", meta.encode())):
+                    for ext, b in ((CLS, b"%d" % c), (JPG, data), (JSON, meta.encode())):
                         m = _tar_member(f"{key}.{ext}", b)
                         f.write(m)
                         sha.update(m)
+                        md5.update(m)
                         size += len(m)
                     n, n_re = n + 1, n_re + re_
                 if counter is not None and (k % 32 == 31 or k == len(idx) - 1):
@@ -179,6 +201,7 @@ def write_shard(i: int) -> dict:
                         counter.value += k % 32 + 1
             f.write(b"\0" * 1024)  # end-of-archive marker
             sha.update(b"\0" * 1024)
+            md5.update(b"\0" * 1024)
             size += 1024
     finally:
         reader.close()
@@ -189,57 +212,17 @@ def write_shard(i: int) -> dict:
         "num_reencoded": n_re,
         "size": size,
         "sha1": sha.hexdigest(),
+        "md5": md5.hexdigest(),
         "plan": plan.meta["plan_id"],
         "skipped": skipped,
     }
-    _atomic_write(out / "manifests" / f"{final.stem}.json", json.dumps(rec))
+    atomic_write(manifest_path(out, final.name), json.dumps(rec))
     return rec
 
 
 def _key(wnid: str, name: str, dup: int) -> str:
     k = key_for(wnid, name)
     return f"{k}-{dup}" if dup else k
-
-
-def _sha1_file(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
-
-
-def check_shard(out: Path, meta: dict, i: int, check_sha1: bool = False) -> dict | None:
-    """The manifest of shard i if the shard is complete (plan, size, optionally sha1), else None."""
-    fn = shard_name(meta["args"]["name"], i)
-    mp_, tp = out / "manifests" / f"{fn[:-4]}.json", out / fn
-    try:
-        rec = json.loads(mp_.read_text())
-        if rec.get("plan") != meta["plan_id"] or tp.stat().st_size != rec["size"]:
-            return None
-        if check_sha1 and _sha1_file(tp) != rec["sha1"]:
-            return None
-        return rec
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def check_shards(
-    out: Path, meta: dict, shards: list[int], check_sha1: bool, workers: int, progress: bool
-) -> dict[int, dict]:
-    """{i: manifest} of the complete shards among `shards`, checked by a thread pool."""
-    what = "sha1" if check_sha1 else "size"
-    with ThreadPoolExecutor(max(1, min(32, workers * 4))) as ex:
-        recs = list(
-            tqdm(
-                ex.map(lambda i: check_shard(out, meta, i, check_sha1), shards),
-                total=len(shards),
-                desc=f"checking shards ({what})",
-                unit="shard",
-                disable=not progress or not shards,
-            )
-        )
-    return {i: r for i, r in zip(shards, recs) if r is not None}
 
 
 def write_shards(
@@ -281,17 +264,19 @@ def write_shards(
     if bad:
         raise ValueError(f"not WordNet ids (nXXXXXXXX): {bad[:5]}")
     args = plan_args(synsets, shard_size, seed, max_per_class, name, reencode, verify, prefer)
+    migrate_old_layout(out)
     plan = load_or_make_plan(out, root, synsets, args, workers, progress)
     meta = plan.meta
     if meta["root"] != str(root.resolve()):
         log.warning("the plan was listed from %s; reading %s", meta["root"], root)
-    (out / "manifests").mkdir(exist_ok=True)
+    mdir = state_dir(out) / MANIFESTS
+    mdir.mkdir(parents=True, exist_ok=True)
     mine = list(range(node_rank, meta["num_shards"], num_nodes))
     for p in out.glob(f".{name}-*.tar.tmp-*"):  # left by a killed run of this rank
         i = int(p.name[len(name) + 2 :].split(".")[0])
         if i % num_nodes == node_rank:
             p.unlink(missing_ok=True)
-    for p in [*out.glob(f"{name}-*.tar"), *(out / "manifests").glob(f"{name}-*.json")]:
+    for p in [*out.glob(f"{name}-*.tar"), *mdir.glob(f"{name}-*.json")]:
         i = p.name[len(name) + 1 :].split(".")[0]
         if i.isdigit() and int(i) >= meta["num_shards"]:  # from a plan listed before this one
             log.warning("removing %s: not part of the current plan", p)
@@ -299,18 +284,19 @@ def write_shards(
     done = check_shards(out, meta, mine, check_sha1, workers, progress)
     todo = [i for i in mine if i not in done]
     for i in todo:  # a stale manifest must not let another rank merge a damaged shard
-        (out / "manifests" / f"{shard_name(name, i)[:-4]}.json").unlink(missing_ok=True)
-    _ctx.update(plan=plan, out=out, root=root, counter=None)
+        manifest_path(out, shard_name(name, i)).unlink(missing_ok=True)
     n_todo = sum(len(plan.shard(i)[0]) for i in todo)
     bar = tqdm(total=n_todo, desc="sharding", unit="img", disable=not progress)
     if workers == 1 or len(todo) <= 1:
+        state = WriterState(plan, out, root)
         for i in todo:
-            write_shard(i)
+            write_shard(state, i)
             bar.update(len(plan.shard(i)[0]))
     else:
         counter = mp.get_context("fork").Value("q", 0)
-        with mp.get_context("fork").Pool(workers, _init_worker, (counter,)) as pool:
-            it = pool.imap_unordered(write_shard, todo)
+        state = WriterState(plan, out, root, counter)
+        with mp.get_context("fork").Pool(workers, _init_worker, (state,)) as pool:
+            it = pool.imap_unordered(_write_in_worker, todo)
             for _ in todo:
                 while True:
                     try:
@@ -320,73 +306,4 @@ def write_shards(
                         bar.update(counter.value - bar.n)
             bar.update(counter.value - bar.n)
     bar.close()
-    _ctx.clear()
     return merge_shards(out, check_sha1=False, require_all=False, meta=meta, workers=workers)
-
-
-def merge_shards(
-    out: str | Path,
-    check_sha1: bool = False,
-    require_all: bool = True,
-    meta: dict | None = None,
-    workers: int = 4,
-    progress: bool = False,
-) -> dict | None:
-    """Write out/skipped.txt and out/info.json from the plan and every shard's manifest.
-
-    A shard without a valid manifest (or whose size, or sha1 with check_sha1, does not match
-    it) is an error naming the missing shards when require_all, else returns None.
-    """
-    out = Path(out)
-    if meta is None:
-        pj = out / "plan.json"
-        if not pj.exists():
-            raise FileNotFoundError(f"{pj} missing: no sharding run has started in {out}")
-        meta = json.loads(pj.read_text())
-    n = meta["num_shards"]
-    recs = check_shards(out, meta, list(range(n)), check_sha1, workers, progress)
-    if len(recs) < n:
-        if not require_all:
-            return None
-        miss = [shard_name(meta["args"]["name"], i) for i in range(n) if i not in recs]
-        raise RuntimeError(
-            f"{out}: {len(miss)} of {n} shards missing or incomplete (e.g. {miss[:5]}); "
-            "run the remaining ranks (or re-run) before merging"
-        )
-    recs_l = [recs[i] for i in range(n)]
-    skipped = [*meta["listing_skipped"], *(s for r in recs_l for s in r["skipped"])]
-    _atomic_write(out / "skipped.txt", "".join(f"{_clean(p)}\t{_clean(w)}\n" for p, w in skipped))
-    files, counts = [r["filename"] for r in recs_l], [r["num_samples"] for r in recs_l]
-    total = sum(counts)
-    info = {
-        "name": meta["args"]["name"],
-        "num_samples": total,
-        "filenames": files,
-        "shard_lengths": counts,
-        "shards": [
-            {
-                "filename": r["filename"],
-                "num_samples": r["num_samples"],
-                "size": r["size"],
-                "sha1": r["sha1"],
-            }
-            for r in recs_l
-        ],  # fmt: skip
-        "splits": {
-            "train": {
-                "name": "train",
-                "num_samples": total,
-                "filenames": files,
-                "shard_lengths": counts,
-            }
-        },  # timm's ReaderWds reads this
-        "num_classes": len(meta["synsets"]),
-        "synsets": meta["synsets"],
-        "planned_class_counts": meta["class_counts"],
-        "num_skipped": len(skipped),
-        "num_reencoded": sum(r["num_reencoded"] for r in recs_l),
-        "missing_synsets": meta["missing_synsets"],
-        "args": meta["args"],
-    }
-    _atomic_write(out / "info.json", json.dumps(info, indent=1))
-    return info

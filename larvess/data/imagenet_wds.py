@@ -1,7 +1,20 @@
 """Training reader of the ImageNet(-21K) WebDataset shards written by imagenet_shards.py.
 
-A sample has `__key__`, `jpg`, `cls` (index into info.json's synset list) and `json`; the reader
-yields {"image", "labels": LongTensor([vocabulary row]), "key"} from an infinite resampled stream.
+A sample has `__key__`, `jpg`, `cls` (index into info.json's synset list) and `json` (member
+names: shard_format.py); the reader yields {"image", "labels": LongTensor([vocabulary row]),
+"key", "lost", "lost_shards"} from an infinite resampled stream.
+
+Lost data: a shard that cannot be opened or read to its end (truncated, damaged, gone) is
+reported by webdataset's handler, which here counts and continues with the next shard; a shard
+that ends quietly before the sample count info.json gives it (tarfile stops without an error at
+a cut on a 512-byte block boundary or inside a header) is counted too, as is a sample that
+cannot be decoded. `lost` (int) is the number of samples lost since the previous
+sample this (rank, worker) stream yielded: for a shard read, the samples info.json plans for it
+(in this stream's share) minus those read, so a truncated tar counts everything after the cut
+(0 when info.json does not know the shard's length: then the event still names the shard);
+an undecodable sample counts 1. `lost_shards` lists the shard file names of those events. The
+counts travel with the samples because the reader runs in DataLoader worker processes;
+mixing.collate sums them per batch.
 
 Where the shards are (`root`), and where their info.json is read from (`info`, default derived):
 
@@ -43,6 +56,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from larvess.data.shard_format import CLS, INFO_FILE, JPG
 from larvess.data.transforms import normalize
 from larvess.names import read_synset_lemmas
 
@@ -89,7 +103,7 @@ def resolve_shards(root: str | Path, info: str | Path | None = None) -> tuple[di
     braced = _BRACED.search(root_s)
     if braced:
         info_url = str(info) if info is not None else (
-            root_s[: braced.start()] + "info.json" + root_s[braced.end() :]
+            root_s[: braced.start()] + INFO_FILE + root_s[braced.end() :]
         )  # fmt: skip
     elif root_s.startswith("pipe:"):
         raise ValueError(
@@ -97,11 +111,11 @@ def resolve_shards(root: str | Path, info: str | Path | None = None) -> tuple[di
             "e.g. 'pipe:aws s3 cp s3://bucket/in21k/imagenet-{000000..014000}.tar -'"
         )
     elif _is_url(root_s):
-        info_url = str(info) if info is not None else root_s.rstrip("/") + "/info.json"
+        info_url = str(info) if info is not None else root_s.rstrip("/") + "/" + INFO_FILE
     else:
         if not Path(root_s).is_dir() and info is None:
             raise FileNotFoundError(f"shard folder {root_s} not found")
-        info_url = str(info) if info is not None else str(Path(root_s) / "info.json")
+        info_url = str(info) if info is not None else str(Path(root_s) / INFO_FILE)
     try:
         meta = json.loads(read_text(info_url))
         shards = meta["shards"]
@@ -148,11 +162,14 @@ class ImageNetShards(IterableDataset):
     resampled within each stream's subset, so different processes and workers see disjoint
     samples. With fewer shards than streams every stream reads all shards and keeps sample i of a
     shard where i % n_streams == stream.
-    rows / set_rows: LongTensor [num_classes] cls -> vocabulary row (None = identity); samples
-    whose row is negative (class not in the vocabulary) are dropped. transform(image PIL RGB,
+    rows / set_rows: LongTensor [num_classes] cls -> vocabulary row; iterating before rows are
+    set is a RuntimeError (pass torch.arange(num_classes) for the shards' own class ids); samples
+    whose row is negative (class not in the vocabulary) are dropped. A `cls` outside the synset
+    list is a ValueError naming the shard, the key and the value. transform(image PIL RGB,
     None, rng) -> (tensor [3,H,W], None); None = normalise at full size. Set `.seed` before
-    iterating to reseed (mixing does this for resumption). Undecodable samples are skipped and
-    counted in `.num_corrupt` (shared with the loader's workers).
+    iterating to reseed (mixing does this for resumption). Lost data (module docstring) rides
+    on the samples as "lost" / "lost_shards"; undecodable samples are also counted in
+    `.num_corrupt` (shared with the loader's workers).
     names_file: "wnid<TAB>lemma, ..." lines giving `class_names`; read now when given (a synset
     without a line is a ValueError), else timm's file is read at the first use of class_names.
     """
@@ -175,6 +192,7 @@ class ImageNetShards(IterableDataset):
         self.synsets: list[str] = meta["synsets"]
         self.num_samples: int = sum(n for _, n in urls)
         self.urls = [u for u, n in urls if n]
+        self.lengths: dict[str, int] = dict(urls)  # samples info.json plans per shard url
         if not self.urls:
             raise ValueError(f"{root}: no non-empty shards (info: {self.info_url})")
         self.names_file = names_file
@@ -241,14 +259,44 @@ class ImageNetShards(IterableDataset):
     def num_corrupt(self) -> int:
         return int(self._corrupt.value)
 
-    def _samples(self, urls: Iterator[dict], keep: int | None, n_streams: int) -> Iterator[dict]:
+    def _samples(self, urls: Iterator[dict], keep: int | None, n_streams: int, lost: _Lost):
+        """Samples of each shard read in turn; errors are counted in `lost` and reading goes on."""
         for u in urls:
-            stream = wds.tarfile_samples([{"url": u["url"]}], handler=wds.warn_and_continue)
+            url = u["url"]
+            events: list[Exception] = []
+
+            def handler(exn: Exception, events: list = events) -> bool:
+                events.append(exn)  # webdataset may call it twice for one cut (member, header)
+                return True
+
+            stream = wds.tarfile_samples([{"url": url}], handler=handler)
+            read = 0
             for i, s in enumerate(stream):
+                read = i + 1
                 if keep is None or i % n_streams == keep:
                     yield s
+            planned = self.lengths.get(url, 0)
+            # tarfile ends quietly at a cut on a 512-byte boundary or inside a header: a shard
+            # that yields fewer samples than info.json plans lost the rest, error or not
+            if events or read < planned:
+                gone = range(read, max(planned, read))
+                n = len(gone) if keep is None else sum(i % n_streams == keep for i in gone)
+                lost.add(n, url)
+                why = events[0] if events else "the tar ends early"
+                log.warning(
+                    "unreadable shard data in %s after %d of %d samples (%s); %d samples lost",
+                    url, read, planned, why, n,
+                )  # fmt: skip
+            else:
+                lost.ok(url)
 
     def __iter__(self) -> Iterator[dict]:
+        if self.rows is None:
+            raise RuntimeError(
+                f"ImageNetShards {self.info_url}: set_rows(rows) was not called, so its labels "
+                "would be the shards' class ids, not vocabulary rows; call set_rows(rows) "
+                f"(torch.arange({len(self.synsets)}) for the class ids themselves) before iterating"
+            )
         stream, n_streams = _stream_of_process(self.rank, self.world_size)
         if len(self.urls) >= n_streams:
             mine, keep = self.urls[stream::n_streams], None
@@ -263,15 +311,27 @@ class ImageNetShards(IterableDataset):
             min(100, self.shuffle_buffer),
             rng=random.Random(int(rng.integers(2**62))),
         )
-        for s in shuffle(self._samples(iter(shards), keep, n_streams)):
+        lost = _Lost(set(mine))
+        n_classes = len(self.synsets)
+        for s in shuffle(self._samples(iter(shards), keep, n_streams, lost)):
             try:
-                c = int(s["cls"])
-                row = c if self.rows is None else int(self.rows[c])
+                c = int(s[CLS])
+            except (KeyError, ValueError):
+                c = None  # a sample cut short or garbled: undecodable, counted below
+            if c is not None and not 0 <= c < n_classes:
+                raise ValueError(
+                    f"{s.get('__url__')}: sample {s.get('__key__')} has cls {c}, outside the "
+                    f"{n_classes} synsets of {self.info_url} (shards and info.json do not match)"
+                )
+            try:
+                if c is None:
+                    raise KeyError(f"no readable {CLS} member")
+                row = int(self.rows[c])
                 if row < 0:
                     continue
-                with Image.open(io.BytesIO(s["jpg"])) as im:
+                with Image.open(io.BytesIO(s[JPG])) as im:
                     img = im.convert("RGB")
-            except (OSError, SyntaxError, ValueError, KeyError, IndexError) as e:
+            except (OSError, SyntaxError, ValueError, KeyError) as e:
                 with self._corrupt.get_lock():
                     self._corrupt.value += 1
                     n = self._corrupt.value
@@ -282,9 +342,51 @@ class ImageNetShards(IterableDataset):
                     e,
                     n,
                 )
+                lost.add(1, str(s.get("__url__")), shard_failed=False)
                 continue
             if self.transform is None:
                 x = normalize(np.asarray(img))
             else:
                 x, _ = self.transform(img, None, rng)
-            yield {"image": x, "labels": torch.tensor([row], dtype=torch.long), "key": s["__key__"]}
+            n_lost, lost_shards = lost.take()
+            yield {
+                "image": x,
+                "labels": torch.tensor([row], dtype=torch.long),
+                "key": s["__key__"],
+                "lost": n_lost,
+                "lost_shards": lost_shards,
+            }
+
+
+class _Lost:
+    """Lost-data events of one stream since its last yielded sample (module docstring).
+
+    A RuntimeError when every shard of the stream failed since the last sample: the resampled
+    stream would otherwise loop over broken shards for ever."""
+
+    def __init__(self, shards: set[str]) -> None:
+        self.shards = shards
+        self.n, self.names = 0, []
+        self.failed: set[str] = set()
+
+    def add(self, n: int, url: str, shard_failed: bool = True) -> None:
+        """n samples lost at url; shard_failed: the shard could not be read to its end."""
+        self.n += n
+        self.names.append(url.rsplit("/", 1)[-1].split()[0])  # "pipe:cat x/a.tar -" -> "a.tar"
+        if not shard_failed:
+            return
+        self.failed.add(url)
+        if self.failed >= self.shards:
+            raise RuntimeError(
+                f"every shard of this stream failed to read since its last sample "
+                f"({len(self.shards)}: {sorted(self.failed)[:5]}); see the warnings above"
+            )
+
+    def ok(self, url: str) -> None:
+        self.failed.discard(url)
+
+    def take(self) -> tuple[int, list[str]]:
+        out = self.n, self.names
+        self.n, self.names = 0, []
+        self.failed.clear()
+        return out

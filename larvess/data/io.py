@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-log = logging.getLogger(__name__)
+from larvess.meta import META  # the names tables shipped with us
 
-META = Path(__file__).resolve().parents[1] / "meta"  # larvess/meta: names tables shipped with us
+log = logging.getLogger(__name__)
 
 
 def meta_file(name: str) -> Path:
@@ -143,8 +143,10 @@ class RowsMixin:
 
     ``class_names``: list[list[str]] (local id -> names, display name first); ``wnids``: None
     (a WordNet id per class where the source has them); ``set_rows(rows)``: local id ->
-    vocabulary row, used to emit labels; ``rows`` reads it back (None = identity). Subclasses
-    set ``root`` and ``class_names``.
+    vocabulary row, used to emit labels; ``rows`` reads it back (None = not set yet). A reader
+    refuses to emit training samples before its rows are set (``require_rows``): local ids
+    passed off as vocabulary rows would train the wrong classes silently. Subclasses set
+    ``root`` and ``class_names``.
     """
 
     wnids: list[str] | None = None
@@ -164,6 +166,16 @@ class RowsMixin:
                 f"expected one row per class ({len(self.class_names)})"
             )
         self._rows = rows
+
+    def require_rows(self) -> torch.Tensor:
+        """The row mapping; a RuntimeError naming the reader when set_rows was never called."""
+        if self._rows is None:
+            raise RuntimeError(
+                f"{type(self).__name__} {self.root}: set_rows(rows) was not called, so its labels "
+                "would be local class ids, not vocabulary rows; call set_rows(rows) first "
+                f"(torch.arange({len(self.class_names)}) for the local ids themselves)"
+            )
+        return self._rows
 
     @property
     def rows(self) -> torch.Tensor | None:

@@ -64,15 +64,44 @@ def draw_indices(
     return out
 
 
+LOST_KEYS = ("lost", "lost_shards")  # set by readers that can lose data (imagenet_wds)
+
+
 def collate(samples: list[dict]) -> dict:
-    """Stack "image" [B, 3, H, W] and "label" [B, H, W]; every other key becomes a list."""
+    """Stack "image" [B, 3, H, W] and "label" [B, H, W]; every other key becomes a list, except
+    "lost" (int: samples lost since the previous batch, summed) and "lost_shards" (the shard
+    names, concatenated), which every batch carries (0 and [] for sources that lose nothing).
+
+    Labels are checked here, in the loader's workers, so the training step need not: "label"
+    and "labels" must be integer tensors of vocabulary rows (>= 0) or -1 (ignore).
+    """
     if not samples:
         raise ValueError("collate got no samples")
-    batch = {}
+    batch: dict = {}
     for k in samples[0]:
+        if k in LOST_KEYS:
+            continue
         vals = [s[k] for s in samples]
+        if k in ("label", "labels"):
+            _check_labels(k, vals, samples)
         batch[k] = torch.stack(vals) if k in ("image", "label") else vals
+    batch["lost"] = sum(int(s.get("lost", 0)) for s in samples)
+    batch["lost_shards"] = [n for s in samples for n in s.get("lost_shards", ())]
     return batch
+
+
+def _check_labels(key: str, vals: list, samples: list[dict]) -> None:
+    for v, s in zip(vals, samples):
+        if not isinstance(v, torch.Tensor) or v.is_floating_point() or v.is_complex():
+            raise ValueError(
+                f"sample {s.get('key')!r}: {key!r} must be an integer tensor of vocabulary rows, "
+                f"got {type(v).__name__} {getattr(v, 'dtype', '')}"
+            )
+        if v.numel() and int(v.min()) < -1:
+            raise ValueError(
+                f"sample {s.get('key')!r}: {key!r} holds {int(v.min())}, below -1 (ignore): "
+                "not a vocabulary row"
+            )
 
 
 class _DrawStream(IterableDataset):
