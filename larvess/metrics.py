@@ -1,4 +1,4 @@
-"""Semantic segmentation metrics from a confusion matrix (DESIGN section 5).
+"""Semantic segmentation metrics from a confusion matrix (docs/method.md section 7).
 
 The confusion matrix ``conf[g, p]`` counts pixels with ground truth ``g`` predicted as ``p`` over
 the K evaluated classes (int64, K x K; memory 8 K^2 bytes, so it is meant for evaluated
@@ -122,6 +122,7 @@ class SegMetrics:
         self,
         base: Sequence[int] | ArrayLike | None = None,
         novel: Sequence[int] | ArrayLike | None = None,
+        exclude: Sequence[int] | ArrayLike | None = None,
     ) -> dict:
         """Metrics from the accumulated confusion matrix.
 
@@ -129,6 +130,10 @@ class SegMetrics:
             base, novel: class subsets as index lists or bool masks of length K; each given subset
                 gets its own mIoU pair (``base_mIoU``, ``base_mIoU_d2``, ...). They are independent:
                 passing only ``base`` does not imply ``novel`` = the rest.
+            exclude: classes left out of every figure, e.g. classes no training source
+                reaches (listed as ``excluded_classes``; IoU / Acc NaN): their ground-truth
+                pixels count as ignored (no other class is charged a false positive for them)
+                and predictions of them are dropped; no mean, subset or pixel figure has them.
 
         Returns a dict with numpy float64 arrays ``IoU`` [K] (NaN where the class is neither in the
         ground truth nor predicted), ``Acc`` [K] (NaN where absent from the ground truth), int64
@@ -138,6 +143,15 @@ class SegMetrics:
         predicted) and, per subset, ``{name}_classes`` (index array) and ``{name}_num_classes_gt``.
         """
         conf = self.conf.numpy()
+        excluded = (
+            np.zeros(self.num_classes, dtype=bool)
+            if exclude is None
+            else self._subset_mask(exclude, "exclude")
+        )
+        if excluded.any():
+            conf = conf.copy()
+            conf[excluded, :] = 0  # their ground truth is out of the evaluation
+            conf[:, excluded] = 0  # predictions of them (none, when kept out of the argmax)
         tp = np.diag(conf).astype(np.int64)
         gt_pixels = conf.sum(axis=1)
         pred_pixels = conf.sum(axis=0)
@@ -165,12 +179,13 @@ class SegMetrics:
             "num_classes": self.num_classes,
             "num_classes_gt": int(in_gt.sum()),
             "num_classes_scored": int(scored.sum()),
+            "excluded_classes": np.flatnonzero(excluded),
         }
         out["mIoU"] = out["mIoU_mmseg"]
         for name, subset in (("base", base), ("novel", novel)):
             if subset is None:
                 continue
-            mask = self._subset_mask(subset, name)
+            mask = self._subset_mask(subset, name) & ~excluded
             out[f"{name}_classes"] = np.flatnonzero(mask)
             out[f"{name}_mIoU"] = _mean(iou[mask & scored])
             out[f"{name}_mIoU_mmseg"] = out[f"{name}_mIoU"]
@@ -242,6 +257,8 @@ def per_class_rows(results: dict, class_names: Sequence[str | Sequence[str]]) ->
     for name in ("base", "novel"):
         if f"{name}_classes" in results:
             subset[results[f"{name}_classes"]] = name
+    if "excluded_classes" in results:
+        subset[results["excluded_classes"]] = "excluded"
     rows = []
     for c in range(k):
         iou, acc = float(results["IoU"][c]), float(results["Acc"][c])
@@ -273,16 +290,33 @@ def summary_dict(results: dict) -> dict:
     return out
 
 
-def write_per_class_csv(path: str | Path, results: dict, class_names: Sequence) -> None:
-    """Per-class table as CSV (empty cells where IoU / Acc are undefined)."""
+def write_per_class_csv(
+    path: str | Path,
+    results: dict,
+    class_names: Sequence,
+    beside: dict | None = None,
+    prefix: str = "",
+) -> None:
+    """Per-class table as CSV (empty cells where IoU / Acc are undefined).
+
+    beside: a second protocol's results over the same classes (eval_ade's roll-up): its IoU,
+    Acc, pred_pixels and tp follow as ``{prefix}IoU`` ... columns.
+    """
     rows = per_class_rows(results, class_names)
+    if beside is not None:
+        for row, other in zip(rows, per_class_rows(beside, class_names)):
+            row |= {f"{prefix}{k}": other[k] for k in ("IoU", "Acc", "pred_pixels", "tp")}
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def write_results_json(path: str | Path, results: dict, class_names: Sequence) -> None:
-    """``{"summary": summary_dict(results), "per_class": per_class_rows(...)}`` as JSON."""
+def write_results_json(
+    path: str | Path, results: dict, class_names: Sequence, extra: dict | None = None
+) -> None:
+    """``{"summary": summary_dict(results), "per_class": per_class_rows(...)}`` as JSON, plus
+    the JSON-ready sections of ``extra`` (e.g. eval_ade's ``rollup`` and ``unreached``)."""
     payload = {"summary": summary_dict(results), "per_class": per_class_rows(results, class_names)}
+    payload |= extra or {}
     Path(path).write_text(json.dumps(payload, indent=1), encoding="utf-8")

@@ -1,5 +1,5 @@
 """PC2Seg pixel-contrastive regulariser (Zhong et al., "Pixel Contrastive-Consistent
-Semi-Supervised Semantic Segmentation", ICCV 2021; papers/pc2seg_supplementary.txt).
+Semi-Supervised Semantic Segmentation", ICCV 2021, and its supplementary material).
 
 An image (here: an image-labelled one) is seen in two views with the same geometry and different
 photometric augmentation, so pixel p of view 1 and pixel p of view 2 show the same content. With
@@ -24,8 +24,8 @@ Negatives, as the supplementary states them (Sec. C, "Training Time and Computat
 - Sampling is uniform with replacement (the supplementary does not say which), never the anchor's
   own pixel, never an invalid pixel.
 Temperature: the supplementary we hold does not state tau. ``PC2SEG_TAU = 0.5`` is the default
-here, recalled from the main paper and NOT verified against it (the main paper text is not in
-papers/); the recipe should set it explicitly. Projection: the paper applies the loss to a
+here, recalled from the main paper and NOT verified against it (we hold only the
+supplementary); the recipe should set it explicitly. Projection: the paper applies the loss to a
 128-d projection of Conv5 features (supplementary Tab. B.1, Fig. D.1); here to whatever unit
 embeddings the caller passes (larvess: the d-dim pixel embeddings).
 

@@ -205,7 +205,7 @@ def test_two_nodes_and_merge_match_one_machine(tmp_path: Path) -> None:
     kw = dict(shard_size=4, seed=2, progress=False)
     one = write_shards(root, tmp_path / "one", **kw)
     two = tmp_path / "two"
-    cmd = [sys.executable, str(SCRIPT), "--out", str(two)]
+    cmd = [sys.executable, str(SCRIPT), "--out", str(two), "--name", "imagenet"]
     r = subprocess.run(
         [*cmd, "--root", str(root), "--shard-size", "4", "--seed", "2", "--quiet"]
         + ["--num-nodes", "2", "--node-rank", "1"],
@@ -414,6 +414,8 @@ def test_killed_run_resumes_to_identical_shards(tmp_path: Path) -> None:
         "--reencode",
         "--workers",
         "2",
+        "--name",
+        "imagenet",  # write_shards' default, for the uninterrupted run below
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"

@@ -5,12 +5,24 @@ The same readers, scripts and the demo run on it on a CPU in minutes. Every clas
 3, so neither mean colour nor pattern alone separates the classes. Per-image jitter of period,
 phase, orientation, colour and noise keeps it from being pixel-colour separable.
 
-    python -m larvess.data.toy --out DIR [--seed S] [--workers N] [--coco N] ...
+    python -m larvess.data.toy --out DIR [--seed S] [--workers N] [--coco N] [--flat] ...
 
-Layout under DIR (formats of DESIGN section 3):
+The vocabulary is a tree (``toy_tree``, unless ``tree=False`` / ``--flat``), as ImageNet-21K's
+is: every class has a made-up synset under one root, and some classes are internal nodes whose
+ImageNet-format images are labelled at 2-3 child synsets (rendered with the parent's texture:
+IN-21K labels the breeds, not "dog"), some of them with a few images at the node itself and some
+with none (the node is listed, as winter21 lists synsets it has no images of). Two of them are
+base classes (masks) with image-labelled children (COCO dog and the breeds); one, the residual
+class, has a class of its own dataset nested below it (COCO food-other and pizza: distinct
+textures, the residual's synset an ancestor of the nested class's). hypernyms.tsv holds the tree
+(``vocab.hierarchy_file``), aliases.txt ties each dataset class to its synset (``vocab.alias_file``).
+
+Layout under DIR (the formats of docs/method.md section 8):
     coco_stuff/{images,stuffthingmaps}/train2017, coco_stuff/labels.txt    base classes only
-    imagenet/<wnid>/*.JPEG, imagenet_synsets.txt, imagenet_lemmas.txt, aliases.txt      novel, object-centric (over base
-                                                                            textures or clutter)
+    imagenet/<wnid>/*.JPEG, imagenet_synsets.txt, imagenet_lemmas.txt      novel classes, base
+                                                        parents and the children of both (object
+                                                        images over base textures or clutter)
+    aliases.txt, hypernyms.tsv                          class <-> synset; the synset tree
     ade/ADEChallengeData2016/{images,annotations}/{training,validation}, objectInfo150.txt
     toy_world.json                                                          manifest
 Every image is rendered from its own generator seeded by (seed, source, index), so the bytes
@@ -30,6 +42,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from larvess.hierarchy import write_hypernyms
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -46,6 +60,20 @@ _ANGLE = {"stripes": 90, "bars": 0, "checkers": 0, "dots": 20, "waves": 90, "rin
           "zigzags": 90, "speckles": 0}  # fmt: skip
 _SOURCES = {"coco": 1, "imagenet": 2, "ade_train": 3, "ade_val": 4}
 JPEG_QUALITY = 90
+WORLD_VERSION = 2  # 2: the vocabulary is a tree (toy_tree); a world of another version is stale
+ROOT_WNID = "n90000000"  # the toy tree's one root ("toy entity"), no class of its own
+# The tree, by (base?, index in its pool): (child synsets, share of the node's ImageNet images
+# labelled at the node itself; the rest go to the children). Spread over hues and patterns.
+TREE: dict[tuple[bool, int], tuple[int, float]] = {
+    (True, 0): (3, 0.2),  # a base class with images at the node and below it (COCO dog)
+    (True, 3): (2, 0.0),  # a base class with image-labelled children only
+    (False, 0): (3, 0.0),  # novel internal nodes: children only (the node listed, no images) ...
+    (False, 1): (2, 0.25),  # ... or a few images at the node (also the residual class, below)
+    (False, 4): (2, 0.0),
+    (False, 7): (3, 0.25),
+    (False, 9): (2, 0.0),
+}
+RESIDUAL = (1, 2)  # novel 2's synset lies below novel 1's: one dataset, "the rest" and a specific
 
 
 @dataclass(frozen=True)
@@ -54,7 +82,20 @@ class ToyClass:
     colour: str
     pattern: str
     base: bool  # True: has masks in coco_stuff; False: novel (image-level labels only)
-    wnid: str | None = None  # fake WordNet id of a novel class (n90000001, ...)
+    wnid: str | None = None  # made-up WordNet id: novel n90000001..., base n90000101...
+
+
+@dataclass(frozen=True)
+class ToySynset:
+    """One synset of the toy tree (hypernyms.tsv); ImageNet-format images are labelled at it."""
+
+    wnid: str
+    name: str  # its lemma (imagenet_lemmas.txt): the class name, or "<class> type <j>"
+    parent: str | None  # its one hypernym (None: the root)
+    texture: str | None  # the class whose texture its images show (None: the root)
+    images: int  # ImageNet-format images labelled at it
+    listed: bool  # in imagenet_synsets.txt (a class of the ImageNet source, images or not)
+    cls: str | None  # the dataset class it is the synset of (None: an ImageNet-only synset)
 
 
 def toy_classes(num_base: int = 12, num_novel: int = 12) -> list[ToyClass]:
@@ -74,10 +115,42 @@ def toy_classes(num_base: int = 12, num_novel: int = 12) -> list[ToyClass]:
             for j, pat in enumerate(PATTERNS):
                 if (i % 2 == j % 2) == first:
                     pools[(i // 2 + j // 2) % 2 == 0].append((hue, pat))
-    base = [ToyClass(f"{h} {p}", h, p, True) for h, p in pools[True][:num_base]]
+    base = [ToyClass(f"{h} {p}", h, p, True, f"n{90000101 + k}")
+            for k, (h, p) in enumerate(pools[True][:num_base])]  # fmt: skip
     novel = [ToyClass(f"{h} {p}", h, p, False, f"n{90000001 + k}")
              for k, (h, p) in enumerate(pools[False][:num_novel])]  # fmt: skip
     return base + novel
+
+
+def toy_tree(table: list[ToyClass], per_class: int, tree: bool = True) -> list[ToySynset]:
+    """The synsets of the world of class table `table`: the root, one per class, the children.
+
+    Each novel class and each base class with children gets `per_class` ImageNet-format images:
+    all at its own synset (a leaf), or a TREE share at the node and the rest spread over its
+    children (rendered with its texture); base leaves get none. tree=False: every class a leaf
+    under the root (the flat world). The children's wnids follow the classes' (n90000201...).
+    """
+    out = [ToySynset(ROOT_WNID, "toy entity", None, None, 0, False, None)]
+    pool = {True: [c for c in table if c.base], False: [c for c in table if not c.base]}
+    nested = {}  # nested class name -> the residual class's wnid
+    if tree and len(pool[False]) > max(RESIDUAL):
+        nested[pool[False][RESIDUAL[1]].name] = pool[False][RESIDUAL[0]].wnid
+    children = []
+    for base in (True, False):
+        for k, c in enumerate(pool[base]):
+            n_kids, share = TREE.get((base, k), (0, 0.0)) if tree else (0, 0.0)
+            n = 0 if base and not n_kids else per_class
+            own = n if not n_kids else int(round(n * share))
+            parent = nested.get(c.name, ROOT_WNID)
+            out.append(ToySynset(c.wnid, c.name, parent, c.name, own, n > 0, c.name))
+            rest = n - own
+            for j in range(n_kids):
+                m = rest // n_kids + (j < rest % n_kids)
+                children.append((c, j, m))
+    for i, (c, j, m) in enumerate(children):
+        name = f"{c.name} type {j + 1}"
+        out.append(ToySynset(f"n{90000201 + i}", name, c.wnid, c.name, m, True, None))
+    return out
 
 
 def _smooth_noise(h: int, w: int, cell: float, rng: np.random.Generator) -> np.ndarray:
@@ -193,20 +266,22 @@ def _write_jpeg(path: Path, img: np.ndarray) -> None:
 
 
 def _job(args: tuple) -> tuple[str, int, np.ndarray | None]:
-    """Render and write one image (+ mask); returns per-class pixel counts for ADE statistics."""
-    kind, i, out, seed, size, table = args
+    """Render and write one image (+ mask); returns per-class pixel counts for ADE statistics.
+
+    args: (kind, index, out, seed, size, table, item); item for "imagenet": (wnid, texture
+    class, index at that synset), else None."""
+    kind, i, out, seed, size, table, item = args
     rng = np.random.default_rng([seed, _SOURCES[kind], i])
     out = Path(out)
     if kind == "imagenet":
-        n_novel = sum(not c.base for c in table)
-        c = [c for c in table if not c.base][i % n_novel]
+        wnid, c, j = item
         # As on real ImageNet, the unlabelled background is mostly "stuff" the mask data
-        # covers (a base class); a background of no class would let the whole image stand
-        # for the label, a shortcut that fails in scenes.
-        base = [b for b in table if b.base]
-        bg = base[int(rng.integers(len(base)))] if rng.random() < 0.75 else None
+        # covers (a base class, never the object's own); a background of no class would let
+        # the whole image stand for the label, a shortcut that fails in scenes.
+        base = [b for b in table if b.base and b.name != c.name]
+        bg = base[int(rng.integers(len(base)))] if base and rng.random() < 0.75 else None
         img = render_object(c, size, rng, bg)
-        _write_jpeg(out / "imagenet" / c.wnid / f"{c.wnid}_{i // n_novel:05d}.JPEG", img)
+        _write_jpeg(out / "imagenet" / wnid / f"{wnid}_{j:05d}.JPEG", img)
         return kind, i, None
     if kind == "coco":
         pool = [k for k, c in enumerate(table) if c.base]
@@ -238,22 +313,31 @@ def make_toy_world(
     num_novel: int = 12,
     workers: int = 2,
     progress: bool = True,
+    tree: bool = True,
 ) -> dict:
-    """Write the toy world under `out` (see module docstring); returns the manifest dict."""
+    """Write the toy world under `out` (see module docstring); returns the manifest dict.
+
+    n_imagenet_per_class: ImageNet-format images per novel class and per base class with
+    children (split over the node and its children, ``toy_tree``). tree=False: the flat world
+    (every class a leaf, images of novel classes only)."""
     if size < 32:
         raise ValueError(f"toy world: image size must be >= 32, got {size}")
     table = toy_classes(num_base, num_novel)
-    novel = [c for c in table if not c.base]
+    by_name = {c.name: c for c in table}
+    synsets = toy_tree(table, n_imagenet_per_class, tree)
+    listed = sorted((s for s in synsets if s.listed), key=lambda s: s.wnid)  # the class ids
+    items = [(s.wnid, by_name[s.texture], j) for s in listed for j in range(s.images)]
     out = Path(out)
     coco, ade = out / "coco_stuff", out / "ade" / "ADEChallengeData2016"
     dirs = [coco / "images" / "train2017", coco / "stuffthingmaps" / "train2017"]
     dirs += [ade / d / s for d in ("images", "annotations") for s in ("training", "validation")]
-    dirs += [out / "imagenet" / c.wnid for c in novel]
+    dirs += [out / "imagenet" / s.wnid for s in listed if s.images]  # none for an empty node
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    counts = {"coco": n_coco, "imagenet": n_imagenet_per_class * len(novel),
+    counts = {"coco": n_coco, "imagenet": len(items),
               "ade_train": n_ade_train, "ade_val": n_ade_val}  # fmt: skip
-    jobs = [(k, i, str(out), seed, size, table) for k, n in counts.items() for i in range(n)]
+    jobs = [(k, i, str(out), seed, size, table, items[i] if k == "imagenet" else None)
+            for k, n in counts.items() for i in range(n)]  # fmt: skip
     pixels = {"ade_train": np.zeros(len(table)), "ade_val": np.zeros(len(table))}
     present = {"ade_train": np.zeros(len(table), int), "ade_val": np.zeros(len(table), int)}
     t0 = time.time()
@@ -269,27 +353,43 @@ def make_toy_world(
     (coco / "labels.txt").write_text(
         "0: unlabeled\n" + "".join(f"{k + 1}: {c.name}\n" for k, c in enumerate(table) if c.base)
     )
-    (out / "imagenet_synsets.txt").write_text("".join(f"{c.wnid}\n" for c in novel))
-    (out / "imagenet_lemmas.txt").write_text("".join(f"{c.wnid}\t{c.name}\n" for c in novel))
-    # the toy world's curated mapping: an ImageNet synset joins a dataset class only through
-    # one (larvess/meta/wordnet_*.tsv for the real datasets, an alias file here)
+    (out / "imagenet_synsets.txt").write_text("".join(f"{s.wnid}\n" for s in listed))
+    (out / "imagenet_lemmas.txt").write_text("".join(f"{s.wnid}\t{s.name}\n" for s in listed))
+    # the toy world's curated mapping: a synset joins a dataset class only through one
+    # (larvess/meta/wordnet_*.tsv for the real datasets, an alias file here)
     (out / "aliases.txt").write_text(
         "# toy synset | toy dataset class (vocab.alias_file)\n"
-        + "".join(f"{c.wnid} | {c.name}\n" for c in novel)
+        + "".join(f"{c.wnid} | {c.name}\n" for c in table)
     )
+    write_hypernyms(
+        out / "hypernyms.tsv",
+        {s.wnid: [s.parent] if s.parent else [] for s in sorted(synsets, key=lambda s: s.wnid)},
+        [f"toy world hypernyms (vocab.hierarchy_file), seed-independent; tree: {tree}",
+         "format of larvess/meta/wordnet_hypernyms.tsv: wnid<TAB>direct hypernyms, '-' for none",
+         f"root {ROOT_WNID} (toy entity); {len(synsets)} synsets"],
+    )  # fmt: skip
     ratio = pixels["ade_train"] / max(1.0, float(n_ade_train * size * size))
     lines = ["Idx\tRatio\tTrain\tVal\tName"]
     for k, c in enumerate(table):
         lines.append(f"{k + 1}\t{ratio[k]:.4f}\t{present['ade_train'][k]}\t"
                      f"{present['ade_val'][k]}\t{c.name}")  # fmt: skip
     (ade / "objectInfo150.txt").write_text("\n".join(lines) + "\n")
+    has_kids = {s.parent for s in synsets if s.parent}
+    cls_of = {s.wnid: s.cls for s in synsets}
+    nested = [s for s in synsets if s.cls and s.parent != ROOT_WNID and s.parent]
     manifest = {
+        "version": WORLD_VERSION,
         "seed": seed,
         "image_size": size,
         "counts": counts,
         "classes": [asdict(c) for c in table],
         "base": [c.name for c in table if c.base],
-        "novel": [c.name for c in novel],
+        "novel": [c.name for c in table if not c.base],
+        # the tree: evaluated classes that are internal nodes (a synset below theirs) and leaves
+        "internal": [c.name for c in table if c.wnid in has_kids],
+        "leaves": [c.name for c in table if c.wnid not in has_kids],
+        "residual": [{"class": cls_of[s.parent], "nested": s.cls} for s in nested],
+        "synsets": [asdict(s) for s in synsets],
         "jpeg_quality": JPEG_QUALITY,
     }
     (out / "toy_world.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -316,17 +416,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=128, help="image side in pixels")
     ap.add_argument("--coco", type=int, default=1500, help="COCO-Stuff-format scenes (base only)")
-    ap.add_argument("--imagenet-per-class", type=int, default=125, help="object images per novel")
+    ap.add_argument("--imagenet-per-class", type=int, default=125,
+                    help="object images per novel class (and per base class with children)")  # fmt: skip
     ap.add_argument("--ade-train", type=int, default=1500, help="ADE training scenes (all)")
     ap.add_argument("--ade-val", type=int, default=200, help="ADE validation scenes (all)")
     ap.add_argument("--num-base", type=int, default=12)
     ap.add_argument("--num-novel", type=int, default=12)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--flat", action="store_true", help="no tree: every class a leaf")
     a = ap.parse_args(argv)
     m = make_toy_world(a.out, a.seed, a.size, a.coco, a.imagenet_per_class, a.ade_train,
-                       a.ade_val, a.num_base, a.num_novel, a.workers)  # fmt: skip
+                       a.ade_val, a.num_base, a.num_novel, a.workers, tree=not a.flat)  # fmt: skip
     n = sum(m["counts"].values())
     print(f"toy world: {n} images, {len(m['base'])} base + {len(m['novel'])} novel classes "
+          f"({len(m['internal'])} internal nodes), {len(m['synsets']) - 1} synsets "
           f"-> {a.out} in {m['seconds']:.1f} s")  # fmt: skip
 
 
