@@ -85,12 +85,14 @@ def build_data(recipe: Recipe) -> tuple[Vocabulary, dict[str, object]]:
     trained = {r for s in recipe.data for r in vocab.rows_of(s.name).tolist()}
     untrained = [n for r, n in enumerate(vocab.names) if r not in trained]
     if untrained and recipe.loss.negatives == "source":
-        # nobody's negatives: they keep their random init and compete at prediction (a toy
-        # masks-only run with "source" predicted its untrained rows almost everywhere: base 0.0)
+        # nobody's negatives: they keep their random init (a toy masks-only run with "source"
+        # once predicted its untrained rows almost everywhere: base 0.0; prediction now leaves
+        # untrained rows out, and larvess-eval lists their classes as unreached)
         warnings.warn(
             f"{len(untrained)} rows of vocab.extra_names match no training source (e.g. "
             f"{untrained[:5]}); with loss.negatives=source they are never trained nor pushed "
-            "away and can take pixels at prediction: set loss.negatives=all, or leave them out",
+            "away; prediction never uses them and larvess-eval leaves their classes out as "
+            "unreached: set loss.negatives=all, or leave them out",
             stacklevel=2,
         )
     return vocab, readers

@@ -20,6 +20,8 @@ embeddings and resizing them before the dot product gives exactly the logits mms
 (average logits over windows, resize logits, argmax), while the buffers hold d instead of K
 channels. For K > ``knn_threshold`` the argmax is ``larvess.knn.search(k=1)`` on the averaged,
 resized embeddings re-normalised to unit length (the scale does not change the argmax).
+
+Roll-up (larvess/rollup.py) is the same argmax over the voting rows, each labelled with its class.
 """
 
 from __future__ import annotations
@@ -149,18 +151,24 @@ def classify_embeddings(
     out_size: tuple[int, int],
     knn_threshold: int = 4096,
     max_scores: int = 1 << 24,
+    classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resize embeddings to ``out_size`` (bilinear) and label each pixel with its best row.
 
     Args:
         x: float [d, h, w] (window-averaged) embeddings.
-        rows_mu: float [K, d] normalised rows of the evaluated vocabulary.
+        rows_mu: float [K, d] normalised rows of the evaluated vocabulary; with ``classes``,
+            [P, d] rows labelled by ``classes``.
         out_size: (H, W) of the original image.
         knn_threshold: above this K, use ``larvess.knn.search`` (k=1) instead of a matmul.
         max_scores: cap on the [pixels, K] score block held at once (the resize runs in strips
             of output rows, so no [d, H, W] or [K, H, W] map of the full image is ever built).
+        classes: LongTensor [P], a label per row: each pixel takes the label of its best row
+            (larvess/rollup.py: the argmax of the rolled-up class scores is the class of the
+            best voting row, so roll-up is this relabelled argmax, kNN path included).
     Returns:
-        LongTensor [H, W] on x's device: indices into the K rows.
+        LongTensor [H, W] on x's device: indices into the K rows (into the classes with
+        ``classes``).
     """
     d, h, w = x.shape
     k = rows_mu.shape[0]
@@ -168,6 +176,14 @@ def classify_embeddings(
         raise ValueError(
             f"inference: rows_mu must be [K, {d}] to match the embeddings, got {tuple(rows_mu.shape)}"
         )
+    if classes is not None:
+        if classes.shape != (k,):
+            raise ValueError(
+                f"inference: classes must be [{k}] (a label per row), got {tuple(classes.shape)}"
+            )
+        classes = classes.to(x.device)
+    if k == 0:
+        raise ValueError("inference: no row to choose from (no class has a trained row)")
     big = k > knn_threshold
     if big:
         from larvess.knn import search
@@ -187,8 +203,45 @@ def classify_embeddings(
             best = search(F.normalize(queries, dim=1), mu, k=1)[:, 0]
         else:
             best = (queries @ mu.T).argmax(dim=1)
+        if classes is not None:
+            best = classes[best]
         pred[rows] = best.view(-1, out_w)
     return pred
+
+
+def embed_image(
+    segmenter: EmbedFn,
+    image: np.ndarray | Image.Image | torch.Tensor,
+    window: int = 512,
+    stride: int = 512,
+    short_side: int | None = 512,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+    progress: bool = False,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Steps 1-3 of the protocol: (x float [d, h, w] window-averaged embeddings on the device,
+    (H, W) of the original image). ``classify_embeddings`` labels them; arguments as in
+    ``slide_inference``. Several protocols (plain, roll-up) can share one call."""
+    img = image if isinstance(image, torch.Tensor) else preprocess(image)
+    if img.ndim != 3 or img.shape[0] != 3 or not img.is_floating_point():
+        raise ValueError(
+            f"inference: image tensor must be float [3, H, W], got {img.dtype} {tuple(img.shape)}"
+        )
+    dev = torch.device(device) if device is not None else _default_device(segmenter)
+    out_size = (int(img.shape[-2]), int(img.shape[-1]))
+    img = img.to(dev, torch.float32)
+    if short_side is not None:
+        img = resize_short_side(img, short_side)
+    was_training = isinstance(segmenter, torch.nn.Module) and segmenter.training
+    if was_training:
+        segmenter.eval()
+    try:
+        x = slide_embeddings(segmenter, img, window, stride, batch_size, amp, progress)
+    finally:
+        if was_training:
+            segmenter.train()
+    return x, out_size
 
 
 def slide_inference(
@@ -203,38 +256,26 @@ def slide_inference(
     knn_threshold: int = 4096,
     amp: bool = False,
     progress: bool = False,
+    classes: torch.Tensor | None = None,
 ) -> torch.LongTensor:
     """Predict one image with sliding windows (see the module docstring for the protocol).
 
     Args:
         segmenter: callable images [b, 3, window, window] -> normalised x [b, d, h', w']
             (an nn.Module is switched to eval mode for the call and restored afterwards).
-        rows_mu: float [K, d] normalised class rows to choose from.
+        rows_mu: float [K, d] normalised class rows to choose from ([P, d] with ``classes``).
         image: uint8 [H, W, 3] numpy / PIL, or an already normalised float tensor [3, H, W].
         short_side: resize so that min(h, w) = short_side before sliding; None = keep the size.
         device: where the segmenter runs; None = the device of its parameters (CPU for a plain
             callable without parameters).
         knn_threshold: K above which the kNN search (k=1) replaces the matmul argmax.
         amp: bf16 autocast on CUDA.
+        classes: LongTensor [P], a label per row (``classify_embeddings``; roll-up).
     Returns:
-        LongTensor [H, W] on the CPU: for each pixel of the original image, an index into rows_mu.
+        LongTensor [H, W] on the CPU: for each pixel of the original image, an index into rows_mu
+        (into the classes with ``classes``).
     """
-    img = image if isinstance(image, torch.Tensor) else preprocess(image)
-    if img.ndim != 3 or img.shape[0] != 3 or not img.is_floating_point():
-        raise ValueError(
-            f"inference: image tensor must be float [3, H, W], got {img.dtype} {tuple(img.shape)}"
-        )
-    dev = torch.device(device) if device is not None else _default_device(segmenter)
-    out_size = tuple(img.shape[-2:])
-    img = img.to(dev, torch.float32)
-    if short_side is not None:
-        img = resize_short_side(img, short_side)
-    was_training = isinstance(segmenter, torch.nn.Module) and segmenter.training
-    if was_training:
-        segmenter.eval()
-    try:
-        x = slide_embeddings(segmenter, img, window, stride, batch_size, amp, progress)
-    finally:
-        if was_training:
-            segmenter.train()
-    return classify_embeddings(x, rows_mu, out_size, knn_threshold).cpu()
+    x, out_size = embed_image(
+        segmenter, image, window, stride, short_side, batch_size, device, amp, progress
+    )
+    return classify_embeddings(x, rows_mu, out_size, knn_threshold, classes=classes).cpu()

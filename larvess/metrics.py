@@ -140,7 +140,7 @@ class SegMetrics:
         arrays ``tp``, ``gt_pixels``, ``pred_pixels`` [K], and floats ``mIoU`` (= ``mIoU_mmseg``),
         ``mIoU_d2``, ``pAcc``, ``mAcc``, ``fwIoU``, plus ``num_pixels``, ``num_classes``,
         ``num_classes_gt`` (present in the ground truth), ``num_classes_scored`` (in gt or
-        predicted) and, per subset, ``{name}_classes`` (index array) and ``{name}_num_classes_gt``.
+        predicted), ``excluded_classes`` (index array) / ``num_classes_excluded`` and, per subset, ``{name}_classes`` (index array) and ``{name}_num_classes_gt``.
         """
         conf = self.conf.numpy()
         excluded = (
@@ -180,6 +180,7 @@ class SegMetrics:
             "num_classes_gt": int(in_gt.sum()),
             "num_classes_scored": int(scored.sum()),
             "excluded_classes": np.flatnonzero(excluded),
+            "num_classes_excluded": int(excluded.sum()),
         }
         out["mIoU"] = out["mIoU_mmseg"]
         for name, subset in (("base", base), ("novel", novel)):
@@ -238,6 +239,8 @@ def format_summary(results: dict, prefix: str = "") -> str:
                 f"{name} {_pct(results[f'{name}_mIoU'])} (d2 {_pct(results[f'{name}_mIoU_d2'])})"
             )
     parts.append(f"classes in gt {results['num_classes_gt']}/{results['num_classes']}")
+    if results.get("num_classes_excluded"):
+        parts[-1] += f" ({results['num_classes_excluded']} left out)"
     return (f"{prefix} " if prefix else "") + " | ".join(parts)
 
 

@@ -8,6 +8,14 @@
 same ``from_run`` and ``predict``, so a notebook and the commands agree pixel for pixel. The
 sliding-window settings (window, stride, short side, windows per forward) are the run's own
 (the ``eval:`` section of its recipe.yaml; the EvalConfig defaults for a model.pt without one).
+
+Roll-up (larvess/rollup.py): with ``classes``, each class scores as the best trained row inside
+its meaning (a 21K model's breed rows vote for "dog"), on by default when the tree puts any
+trained row inside an asked class other than its own (``rollup=False``: only the class's own
+row). Over the whole vocabulary (``classes=None``) ``rollup=True`` reports each pixel as the
+top-level row above its best row (rows no other trained row covers). Untrained rows (those of
+``vocab.extra_names`` only) never take a pixel; a class nothing trained reaches is in
+``unreached`` and never predicted.
 """
 
 from __future__ import annotations
@@ -23,8 +31,17 @@ from PIL import Image, ImageOps
 
 from larvess.checkpoint import load_model, run_dir_of
 from larvess.config import EvalConfig, load_recipe
-from larvess.inference import slide_inference
+from larvess.inference import classify_embeddings, embed_image
 from larvess.model import Segmenter
+from larvess.rollup import (
+    Votes,
+    class_votes,
+    plain_votes,
+    run_tree,
+    top_level,
+    trained_rows,
+    with_classes,
+)
 from larvess.synsets import synsets_for_class_list
 
 Image.MAX_IMAGE_PIXELS = None  # large photos are fine; inference resizes to the short side first
@@ -82,6 +99,12 @@ class Predictor:
     step: int  # training step of the loaded export
     path: Path  # the model.pt loaded
     device: torch.device
+    votes: dict[str, Votes]  # protocol ("plain", "rollup") -> which rows vote for which class
+    vote_mu: dict[str, torch.Tensor]  # protocol -> [M, d] its distinct voting rows, on `device`
+    vote_label: dict[str, torch.Tensor]  # protocol -> [M] the class each of them labels
+    protocol: str  # the protocol ``predict`` uses
+    unreached: torch.Tensor  # [K] bool: no trained row reaches the class; never predicted
+    notes: list[str]  # what the tree could not place, worth printing
 
     @classmethod
     def from_run(
@@ -89,6 +112,7 @@ class Predictor:
         path: str | os.PathLike,
         classes: Sequence[ClassSpec] | None = None,
         device: str | torch.device | None = None,
+        rollup: bool | None = None,
     ) -> Predictor:
         """Load a run folder, a checkpoint folder or a model.pt.
 
@@ -99,18 +123,41 @@ class Predictor:
                 (``["window", "windowpane"]``), matched to the model's vocabulary by name and
                 curated WordNet synset; None = the whole trained vocabulary.
             device: where the model runs; None = CUDA when available, else the CPU.
+            rollup: None = on with ``classes`` when some trained row lies inside an asked
+                class other than its own, off over the whole vocabulary; True = roll up (the
+                whole vocabulary: to its top-level rows); False = each class's own row only.
         Raises:
             ValueError naming the model file and the classes it has no row for.
         """
         dev = torch.device(device) if device is not None else _default_device()
         loaded = load_model(path)
         vocab = loaded.vocab
-        if classes is None:
+        recipe_file = run_dir_of(loaded.path) / "recipe.yaml"
+        recipe = load_recipe(recipe_file) if recipe_file.is_file() else None
+        ev = recipe.eval if recipe is not None else EvalConfig()
+        hierarchy_file = recipe.vocab.hierarchy_file if recipe is not None else None
+        notes: list[str] = []
+        trained_tree = None  # the run's tree, when training expanded labels along it
+        if recipe is not None and recipe.loss.hierarchy == "tree":
+            trained_tree, notes = run_tree(vocab, hierarchy_file, str(recipe_file))
+        trained = trained_rows(vocab, trained_tree)
+        votes: dict[str, Votes] = {}
+        if classes is None and rollup:
+            tree = trained_tree
+            if tree is None:
+                tree, notes = run_tree(vocab, hierarchy_file, str(recipe_file))
+            rows, votes["rollup"] = top_level(tree, trained)
+            names = [vocab.names[r] for r in rows.tolist()]
+            unreached = ~votes["rollup"].reached()  # none: every top-level row votes for itself
+        elif classes is None:
             rows = torch.arange(len(vocab))
             names = list(vocab.names)
+            votes["plain"] = plain_votes(rows, trained)
+            unreached = ~trained
         else:
             wanted = _synonym_lists(classes)
-            rows = vocab.match(wanted, synsets_for_class_list(wanted))
+            curated = synsets_for_class_list(wanted)
+            rows = vocab.match(wanted, curated)
             missing = [wanted[i][0] for i in torch.nonzero(rows < 0).flatten().tolist()]
             if missing:
                 raise ValueError(
@@ -119,13 +166,36 @@ class Predictor:
                     "vocab.extra_names (with loss.negatives=all) so they get rows"
                 )
             names = [c[0] for c in wanted]
-        recipe_file = run_dir_of(loaded.path) / "recipe.yaml"
-        ev = load_recipe(recipe_file).eval if recipe_file.is_file() else EvalConfig()
+            # the asked classes are one more dataset: a partition, so residual classes mean
+            # "the rest" (rollup.py)
+            tree, tree_notes = run_tree(
+                with_classes(vocab, rows, wanted, curated), hierarchy_file, str(recipe_file)
+            )
+            notes = list(dict.fromkeys(notes + tree_notes))
+            votes["plain"] = plain_votes(rows, trained)
+            rolled = class_votes(tree, rows, trained)
+            if rollup or (rollup is None and rolled.rolls_up(rows)):
+                votes["rollup"] = rolled
+            elif rollup is None:
+                notes.append("roll-up: no trained row lies inside an asked class but its own")
+            unreached = ~rolled.reached()
+        if bool(unreached.any()):
+            shown = [names[i] for i in torch.nonzero(unreached).flatten().tolist()]
+            notes.append(
+                f"{len(shown)} classes no training source reaches (no masks, no image label, no "
+                f"trained row inside them), never predicted: {shown[:20]}"
+            )
         seg = loaded.segmenter.to(dev)
         with torch.no_grad():
-            mu = loaded.table().to(dev)[rows.to(dev)]
+            table = loaded.table().to(dev)
+        mu = table[rows.to(dev)]
+        picks = {k: v.argmax_rows() for k, v in votes.items()}
+        vote_mu = {k: table[r.to(dev)] for k, (r, _) in picks.items()}
+        vote_label = {k: lab for k, (_, lab) in picks.items()}
+        protocol = "rollup" if "rollup" in votes else "plain"
         is_base = vocab.is_base(rows)
-        return cls(seg, mu, rows, names, is_base, ev, loaded.step, loaded.path, dev)
+        return cls(seg, mu, rows, names, is_base, ev, loaded.step, loaded.path, dev, votes,
+                   vote_mu, vote_label, protocol, unreached, notes)  # fmt: skip
 
     def predict(
         self,
@@ -143,14 +213,33 @@ class Predictor:
             image: uint8 RGB [H, W, 3] array, a PIL image, or an image file path (EXIF rotation
                 applied, transparency over white).
         Returns:
-            (labels, names): int64 [H, W] indices into ``names`` (this predictor's classes).
+            (labels, names): int64 [H, W] indices into ``names`` (this predictor's classes),
+            under ``self.protocol``.
         """
+        got = self.predict_protocols(
+            image, window=window, stride=stride, short_side=short_side,
+            batch_size=batch_size, progress=progress, protocols=(self.protocol,),
+        )  # fmt: skip
+        return got[self.protocol], list(self.names)
+
+    def predict_protocols(
+        self,
+        image: np.ndarray | Image.Image | str | os.PathLike,
+        *,
+        window: int | None = None,
+        stride: int | None = None,
+        short_side: int | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        protocols: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One segmenter pass, labelled under each protocol (default: all of ``self.votes``):
+        protocol -> int64 [H, W] indices into ``names``."""
         if isinstance(image, str | os.PathLike):
             image = open_rgb(image)
         ev = self.eval
-        labels = slide_inference(
+        x, out_size = embed_image(
             self.segmenter,
-            self.mu,
             image,
             window=window or ev.window,
             stride=stride or ev.stride,
@@ -160,4 +249,15 @@ class Predictor:
             amp=self.device.type == "cuda",
             progress=progress,
         )
-        return labels.numpy(), list(self.names)
+        out = {}
+        for name in protocols or list(self.votes):
+            label = self.vote_label[name]
+            # every class votes with its own row: the plain argmax, as before roll-up existed
+            identity = len(label) == len(self.names) and bool(
+                (label == torch.arange(len(label))).all()
+            )
+            labels = classify_embeddings(
+                x, self.vote_mu[name], out_size, classes=None if identity else label
+            )
+            out[name] = labels.cpu().numpy()
+        return out

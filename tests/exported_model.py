@@ -85,3 +85,42 @@ def make_model(run: Path) -> Model:
     with torch.no_grad():
         mu = table()
     return Model(run, segmenter, mu, row_of, vocab.names)
+
+
+# A 21K-style vocabulary in miniature, real WordNet 3.0 synsets (the shipped table): COCO-like
+# mask classes (dog with its synset), ImageNet-like image classes (a breed below dog, a cat below
+# animal) and two rows of vocab.extra_names only (untrained): animal, horse.
+TREE_MASK = [(["wall"], []), (["sky"], []), (["dog"], ["n02084071"])]
+TREE_IMAGE = [(["golden retriever"], "n02099601"), (["tabby", "tabby cat"], "n02123045")]
+TREE_EXTRA = [(["animal"], ["n00015388"]), (["horse"], ["n02374451"])]
+# evaluated: dog gets the breed's votes, animal only the cat's (never the breed's: the evaluated
+# dog is its sibling class), horse nothing (unreached). Animal before dog: a breed vote leaking
+# into animal would win the tie and show.
+TREE_EVAL_NAMES = ["wall", "sky", "animal", "dog", "horse"]
+
+
+def make_tree_model(run: Path) -> Model:
+    """A tiny exported model (as make_model) over the TREE_* vocabulary (7 rows)."""
+    torch.manual_seed(0)
+    segmenter = Segmenter(**MODEL_ARGS)
+    vocab = Vocabulary()
+    rows = vocab.add_source(
+        "coco", [c for c, _ in TREE_MASK], [w for _, w in TREE_MASK], has_masks=True
+    ).tolist()
+    rows += vocab.add_source(
+        "in21k", [c for c, _ in TREE_IMAGE], [w for _, w in TREE_IMAGE], by_synset=True
+    ).tolist()
+    rows += vocab.add_source(
+        "extra:names.txt", [c for c, _ in TREE_EXTRA], [w for _, w in TREE_EXTRA]
+    ).tolist()
+    names = [c[0] for c, _ in TREE_MASK + TREE_IMAGE + TREE_EXTRA]
+    row_of = dict(zip(names, rows))
+    img = torch.tensor(smooth_image(64, 64, 98)).permute(2, 0, 1).float() / 255.0
+    with torch.no_grad():
+        cells = segmenter.eval()((img[None] - 0.45) / 0.25)[0].flatten(1).T  # [16, d]
+    init = cells[torch.randperm(16, generator=torch.Generator().manual_seed(3))[: len(vocab)]]
+    table = ClassTable(len(vocab), 8, init=init)
+    export_model(run, segmenter, table, MODEL_ARGS, vocab, step=3)
+    with torch.no_grad():
+        mu = table()
+    return Model(run, segmenter, mu, row_of, vocab.names)

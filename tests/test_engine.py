@@ -139,6 +139,36 @@ def test_a_nan_step_is_counted_once_and_leaves_every_saved_state_as_it_was(
     assert any(not _same(after[k], moved[k]) for k in after if k.startswith("model"))
 
 
+class Acc:
+    """The one-process accelerator surface the loop uses; logs kept for the tests."""
+
+    device, is_main_process, num_processes = torch.device("cpu"), True, 1
+
+    def __init__(self):
+        self.logged = []
+
+    def unwrap_model(self, m):
+        return m
+
+    def no_sync(self, m):
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def reduce(self, t, reduction):
+        return t
+
+    def log(self, values, step=None):
+        self.logged.append((step, dict(values)))
+
+
 def test_micro_batches_score_against_the_bank_of_the_steps_start(monkeypatch):
     """grad_accum = 2: the second micro-batch sees the bank as the step began; the step pushes
     both micro-batches' slots after the optimiser step, in order."""
@@ -169,30 +199,6 @@ def test_micro_batches_score_against_the_bank_of_the_steps_start(monkeypatch):
     start = ca.state_dict()
     start = {k: v.clone() for k, v in start.items()}
 
-    class Acc:  # the one-process accelerator surface the loop uses
-        device, is_main_process, num_processes = torch.device("cpu"), True, 1
-
-        def unwrap_model(self, m):
-            return m
-
-        def no_sync(self, m):
-            return contextlib.nullcontext()
-
-        def autocast(self):
-            return contextlib.nullcontext()
-
-        def backward(self, loss):
-            loss.backward()
-
-        def clip_grad_norm_(self, params, max_norm):
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-        def reduce(self, t, reduction):
-            return t
-
-        def log(self, *a, **k):
-            pass
-
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: the two forwards see one model
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     monkeypatch.setattr(engine, "save_checkpoint", lambda *a, **k: None)
@@ -212,3 +218,51 @@ def test_micro_batches_score_against_the_bank_of_the_steps_start(monkeypatch):
             (x,), mu = net([b["image"]])
         ref.push(*ref.pending(x, b["labels"], mu))
     assert torch.allclose(ca.bank, ref.bank, atol=1e-6)
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    C, d = 6, 8
+    seg = Segmenter("vit_tiny_patch16_224", dim=d, img_size=32,
+                    backbone_kwargs=dict(depth=1, embed_dim=48, num_heads=3))  # fmt: skip
+    net = Net(seg, ClassTable(C, d))
+    cfg = SourceConfig(name="in", kind="imagenet_wds", root="-", batch_size=2, cls_weight=1.0,
+                       ca_weight=0.0)  # fmt: skip
+    lo = LossConfig(k=4, cls_k=None, margin_weight=0.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return net, make_sources([cfg], [torch.arange(C)], C, lo), lo, opt, sched
+
+
+def _batches(lost_at: dict[int, tuple[int, list[str]]], n: int):
+    g = torch.Generator().manual_seed(1)
+    for i in range(n):
+        lost, shards = lost_at.get(i, (0, []))
+        yield {"in": {"image": torch.randn(2, 3, 32, 32, generator=g),
+                      "labels": [torch.tensor([1]), torch.tensor([2, 4])],
+                      "lost": lost, "lost_shards": shards}}  # fmt: skip
+
+
+def test_lost_samples_are_counted_logged_and_stop_the_run_above_the_threshold(monkeypatch):
+    import larvess.engine as engine
+    from larvess.config import TrainConfig
+
+    monkeypatch.setattr(engine, "save_checkpoint", lambda *a, **k: None)
+    net, srcs, lo, opt, sched = _tiny_setup()
+    acc = Acc()
+    lost = {1: (3, ["in-000004.tar"]), 3: (1, ["in-000009.tar"])}
+    tc = TrainConfig(log_every=1, max_unreadable=0.5)
+    state = engine.train(accelerator=acc, net=net, optimizer=opt, scheduler=sched,
+                         batches=_batches(lost, 5), sources=srcs, ca=None, loss=lo, train=tc,
+                         steps=5, grad_clip=0.0, run_dir=Path("unused"))  # fmt: skip
+    assert state.step == 5 and state.unreadable == 4 and state.samples == 10
+    assert state.unreadable_shards == ["in-000004.tar", "in-000009.tar"]
+    assert [v["data/unreadable"] for _, v in acc.logged] == [0, 3, 3, 4, 4]
+    assert engine.TrainState.from_json(state.to_json()) == state  # trainer_state.json round trip
+    # above the threshold: the run stops, naming the shards
+    net, srcs, lo, opt, sched = _tiny_setup()
+    tc = TrainConfig(log_every=1, max_unreadable=0.2)
+    with pytest.raises(engine.TooMuchUnreadable, match=r"3 of 7 samples.*in-000004\.tar"):
+        engine.train(accelerator=Acc(), net=net, optimizer=opt, scheduler=sched,
+                     batches=_batches(lost, 5), sources=srcs, ca=None, loss=lo, train=tc,
+                     steps=5, grad_clip=0.0, run_dir=Path("unused"))  # fmt: skip

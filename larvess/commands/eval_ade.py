@@ -11,7 +11,19 @@ by default base = evaluated classes that had pixel masks in training; ``--novel 
 novel classes from a list of names instead (``--novel larvseg``: LarvSeg's own A150 split, 63 base
 / 87 novel w.r.t. COCO-Stuff-171, shipped in larvess/meta/). Sliding windows, stride and short side
 from the run's recipe.yaml (eval section; LarvSeg: 512 / 512 / 512), flags override. Writes
-OUT/results.json, OUT/per_class.csv and OUT/vis/*.png; prints a summary line.
+OUT/results.json, OUT/per_class.csv and OUT/vis/*.png; prints a summary line per protocol.
+
+Two protocols from one segmenter pass (larvess/rollup.py): **plain** (LarvSeg: the argmax over the
+evaluated classes' own rows) and **roll-up** (each class scores as the best trained row whose
+meaning lies inside its own: a 21K model's breed rows vote for ADE's dog, never for a residual
+class when the dataset has the specific one). ``--rollup auto`` reports roll-up when the run's
+vocabulary has a trained row inside an evaluated class other than its own; ``on`` always;
+``off`` the plain protocol only. The hierarchy: the run's ``vocab.hierarchy_file``, else the
+shipped WordNet table (wnids it lacks stand alone). Classes no training source reaches (no
+masks, no image label, no merge with a trained row, no trained row inside them) are listed,
+never predicted, and left out of every figure of both protocols (their pixels count as ignored).
+results.json: ``summary`` / ``per_class`` (plain), ``rollup`` {summary, per_class}, ``unreached``;
+per_class.csv: the plain columns, then ``rollup_IoU`` / ``rollup_Acc`` / ``rollup_pred_pixels``.
 """
 
 from __future__ import annotations
@@ -27,7 +39,14 @@ from tqdm import tqdm
 
 from larvess.data.ade import AdeEval
 from larvess.meta import NOVEL_LARVSEG
-from larvess.metrics import SegMetrics, format_summary, write_per_class_csv, write_results_json
+from larvess.metrics import (
+    SegMetrics,
+    format_summary,
+    per_class_rows,
+    summary_dict,
+    write_per_class_csv,
+    write_results_json,
+)
 from larvess.predictor import Predictor
 from larvess.viz import composite, results_grid, save_png
 from larvess.vocab import normalize_name
@@ -57,6 +76,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="novel class names, one per line ('larvseg': LarvSeg's A150 split)",
     )
+    ap.add_argument(
+        "--rollup",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="also score with hierarchy roll-up (auto: when some trained row lies inside an "
+        "evaluated class other than its own)",
+    )
     ap.add_argument("--window", type=int, default=None, help="default: the run's recipe")
     ap.add_argument("--stride", type=int, default=None, help="default: the run's recipe")
     ap.add_argument("--short-side", type=int, default=None, help="default: the run's recipe")
@@ -67,10 +93,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Evaluate; returns SegMetrics.compute's results. Raises on a bad input."""
+    """Evaluate; returns SegMetrics.compute's results of the plain protocol, with ``rollup``
+    (the roll-up protocol's, when on) and ``unreached`` (class names). Raises on a bad input."""
     args = parser().parse_args(argv)
     data = AdeEval(args.root, args.dataset, split=args.split, names_file=args.names)
-    pred = Predictor.from_run(args.checkpoint, data.class_names, args.device)
+    rollup = {"auto": None, "on": True, "off": False}[args.rollup]
+    pred = Predictor.from_run(args.checkpoint, data.class_names, args.device, rollup=rollup)
+    for note in pred.notes:
+        print(f"note: {note}")
+    protocols = list(pred.votes)  # "plain", then "rollup" when on
+    unreached = pred.unreached.numpy()
     ev = pred.eval
     window, stride = args.window or ev.window, args.stride or ev.stride
     short_side, batch_size = args.short_side or ev.short_side, args.batch_size or ev.batch_size
@@ -81,16 +113,18 @@ def run(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out) if args.out else pred.path.parent / f"eval_{args.dataset}"
     out.mkdir(parents=True, exist_ok=True)
-    metrics = SegMetrics(len(pred.rows), ignore_index=-1)
+    metrics = {p: SegMetrics(len(pred.rows), ignore_index=-1) for p in protocols}
     shown = []  # (image, truth, prediction) for the grid
     n = len(data) if args.limit <= 0 else min(args.limit, len(data))
     for i in tqdm(range(n), desc=f"eval {args.dataset}", unit="img"):
         sample = data[i]
-        labels, _ = pred.predict(
+        got = pred.predict_protocols(
             sample["image"], window=window, stride=stride, short_side=short_side,
             batch_size=batch_size,
         )  # fmt: skip
-        metrics.update(labels, sample["label"])
+        for p in protocols:
+            metrics[p].update(got[p], sample["label"])
+        labels = got[pred.protocol]  # the overlays and the grid show roll-up when it is on
         if i < args.save_vis:
             panel = composite(sample["image"], labels, sample["label"], data.class_names)
             save_png(panel, out / "vis" / f"{sample['key']}.png")
@@ -98,13 +132,31 @@ def run(argv: list[str] | None = None) -> dict:
         if len(shown) < args.grid and (~is_base[np.unique(truth[truth >= 0])]).any():
             shown.append((sample["image"], truth, labels))
 
-    results = metrics.compute(base=is_base, novel=~is_base)
+    computed = {
+        p: metrics[p].compute(base=is_base, novel=~is_base, exclude=unreached) for p in protocols
+    }
+    results = computed["plain"]
     if shown:
         save_png(results_grid(shown, data.class_names, is_base), out / "grid.png")
-    write_results_json(out / "results.json", results, data.class_names)
-    write_per_class_csv(out / "per_class.csv", results, data.class_names)
-    line = format_summary(results, prefix=f"{args.dataset} ({n} images, step {pred.step}):")
-    print(line)
+    names = [syn[0] for syn in data.class_names]
+    extra = {"unreached": [names[i] for i in np.flatnonzero(unreached)]}
+    if "rollup" in computed:
+        r = computed["rollup"]
+        extra["rollup"] = {
+            "summary": summary_dict(r), "per_class": per_class_rows(r, data.class_names)
+        }  # fmt: skip
+    write_results_json(out / "results.json", results, data.class_names, extra)
+    write_per_class_csv(
+        out / "per_class.csv", results, data.class_names, computed.get("rollup"), "rollup_"
+    )
+    head = f"{args.dataset} ({n} images, step {pred.step})"
+    for p in protocols:
+        print(format_summary(computed[p], prefix=f"{head} {p}:"))
+    if extra["unreached"]:
+        print(
+            f"left out of every figure: {len(extra['unreached'])} classes no training source "
+            f"reaches: {', '.join(extra['unreached'])}"
+        )
     print(
         f"wrote {out / 'results.json'}, {out / 'per_class.csv'}"
         + (f", {min(n, args.save_vis)} overlays in {out / 'vis'}" if args.save_vis else "")
@@ -113,9 +165,13 @@ def run(argv: list[str] | None = None) -> dict:
     meta = {"checkpoint": str(pred.path), "dataset": args.dataset, "images": n,
             "base_classes": int(is_base.sum()), "novel_classes": int((~is_base).sum()),
             "split": args.novel or "vocabulary (classes with masks in training)",
-            "window": window, "stride": stride, "short_side": short_side}  # fmt: skip
+            "window": window, "stride": stride, "short_side": short_side,
+            "protocols": protocols, "rollup": args.rollup, "unreached": extra["unreached"],
+            "notes": pred.notes}  # fmt: skip
     (out / "eval_info.json").write_text(json.dumps(meta, indent=1))
-    return results
+    if "rollup" in computed:
+        results = results | {"rollup": computed["rollup"]}
+    return results | {"unreached": extra["unreached"]}
 
 
 def novel_mask(novel: str, class_names: list[list[str]]) -> np.ndarray:

@@ -11,6 +11,12 @@ Any image PIL can open (grayscale, RGBA, palette, EXIF-rotated, large). OUT/<ste
 the class index (16-bit PNG when more than 256 classes; index into the list in OUT/classes.json),
 OUT/<stem>_overlay.png the overlay with a legend. An unreadable file is reported by name and the
 others are still processed; the exit status is 1 if any failed.
+
+Roll-up (``--rollup``, larvess/rollup.py): with --classes / --names, each class scores as the best
+trained row inside it (``--classes dog`` on a 21K model: every breed row votes for dog); auto =
+on when some trained row lies inside an asked class other than its own. Over the whole
+vocabulary ``--rollup on`` labels each pixel with the top-level row above its best row
+(classes.json lists those rows); auto = off there. Untrained rows never take a pixel.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("predictions"))
     ap.add_argument("--names", default=None, help="restrict to the classes of this names file")
     ap.add_argument("--classes", default=None, help="restrict to these comma-separated names")
+    ap.add_argument(
+        "--rollup",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="roll rows up into the classes that contain them (auto: on for --classes/--names "
+        "when the tree nests some row inside one; over the whole vocabulary: top-level rows)",
+    )
     ap.add_argument("--window", type=int, default=None, help="default: the run's recipe")
     ap.add_argument("--stride", type=int, default=None, help="default: the run's recipe")
     ap.add_argument("--short-side", type=int, default=None, help="default: the run's recipe")
@@ -54,7 +67,10 @@ def run(argv: list[str] | None = None) -> int:
         wanted = read_names_file(args.names)
     elif args.classes:
         wanted = [n.strip() for n in args.classes.split(",") if n.strip()]
-    pred = Predictor.from_run(args.checkpoint, wanted, args.device)
+    rollup = {"auto": None, "on": True, "off": False}[args.rollup]
+    pred = Predictor.from_run(args.checkpoint, wanted, args.device, rollup=rollup)
+    for note in pred.notes:
+        print(f"note: {note}", file=sys.stderr)
     rows, names = pred.rows, pred.names
     colours = palette(len(rows))
     args.out.mkdir(parents=True, exist_ok=True)
