@@ -89,7 +89,7 @@ def standardised_mse(fg: Tensor, bg: Tensor) -> Tensor:
 
 def background_scores(
     x: Tensor,
-    image: Tensor,
+    runs: list[tuple[int, int, int]],
     s_fg: Tensor,
     target: Tensor,
     table: Tensor,
@@ -104,13 +104,15 @@ def background_scores(
     selected classes b (so S_bg = sum / count, or 1 - S_fg when the count is 0).
 
     Steps 1-2 (raw cosines, top-5 means) and S_b depend on the image only, so they are computed
-    once per image (the d-long dot products); only the MSE filter and the choice are per pair.
-    With the tree an image carries its label's whole expansion, so this saves a factor of its
-    length.
+    once per image; the pair's part is its MSE filter, through the identity above: mse_c =
+    2 (Q-1)/Q (1 - r_c) with r_c the correlation of S_fg and S_b,c, a [pairs, Q] x [Q, n]
+    product per image, never a [pairs, Q, classes] tensor. With the tree an image carries its
+    label's whole expansion, so this saves a factor of its length.
 
     Args:
         x: [B,Q,d] detached unit pixels of the images.
-        image: [P] the image of each pair.
+        runs: host (image b, first pair, end pair): the pairs of image b are rows first..end-1
+            of the pair tensors (pairs come image by image).
         s_fg: [P,Q] the label's memory score S_fg.
         target: [P] the label's row of ``table``.
         table: [R,d] the source's rows (raw cosine scores of steps 1-2).
@@ -121,21 +123,28 @@ def background_scores(
         (bg_sum [P,Q], bg_count [P]).
     """
     B, Q, _ = x.shape
-    P, R = len(image), table.shape[0]
+    P, R = s_fg.shape[0], table.shape[0]
     kk = min(topk, Q)
     bg_sum, bg_cnt = x.new_zeros(P, Q), torch.zeros(P, dtype=torch.long, device=x.device)
+    fg_c = s_fg - s_fg.mean(dim=1, keepdim=True)
+    fg_sd = s_fg.std(dim=1, keepdim=True)  # unbiased, as the reference's mse()
     block = block_elems(x.device, _SCORE_ELEMS, elem_bytes=x.element_size())
-    step = max(1, block // max(1, 2 * (B + P) * Q))  # per image and per pair [.,Q,n] blocks
+    step = max(1, block // max(1, 2 * B * Q))  # raw and memory scores, [B,Q,n] each
     ids = torch.arange(R, device=x.device)
     for c0 in range(0, R, step):
         c1 = min(R, c0 + step)
         raw = torch.einsum("bqd,nd->bqn", x, table[c0:c1].to(x.dtype))
-        top = raw.topk(kk, dim=1).values.mean(dim=1)[image]  # [P,n]
-        s_b = torch.einsum("bqd,nd->bqn", x, means[c0:c1].to(x.dtype))[image]  # [P,Q,n]
-        keep = (top > threshold) & (ids[None, c0:c1] != target[:, None]) & warm[None, c0:c1]
+        top = raw.topk(kk, dim=1).values.mean(dim=1)  # [B,n]
+        s_b = torch.einsum("bqd,nd->bqn", x, means[c0:c1].to(x.dtype))
+        sb_c = s_b - s_b.mean(dim=1, keepdim=True)
+        sb_sd = s_b.std(dim=1)  # [B,n]
+        ok = warm[None, c0:c1] & (ids[None, c0:c1] != target[:, None])  # [P,n]
         if barred is not None:
-            keep &= ~barred[:, c0:c1]
-        keep &= standardised_mse(s_fg, s_b) > mse_threshold  # NaN (constant map) never passes
-        bg_sum += torch.einsum("pqn,pn->pq", s_b, keep.to(x.dtype))
-        bg_cnt += keep.sum(dim=1)
+            ok &= ~barred[:, c0:c1]
+        for b, i, j in runs:
+            r = (fg_c[i:j] @ sb_c[b]) / ((Q - 1) * fg_sd[i:j] * sb_sd[b][None])
+            mse = 2 * (Q - 1) / Q * (1 - r)  # NaN for a constant map: never passes
+            keep = ok[i:j] & (top[b][None] > threshold) & (mse > mse_threshold)
+            bg_sum[i:j] += keep.to(x.dtype) @ s_b[b].T
+            bg_cnt[i:j] += keep.sum(dim=1)
     return bg_sum, bg_cnt

@@ -204,8 +204,8 @@ class CAClassifier(nn.Module):
         if single:  # single-label images: the reference's threshold + MSE rule
             idx = torch.tensor(single).to(x.device, non_blocking=True)
             s_sum, s_cnt = background_scores(
-                x_img.transpose(1, 2), pairs.image[idx], s_fg[idx], pairs.target[idx], table,
-                means, warm,
+                x_img.transpose(1, 2), _runs([pairs.pair_images()[i] for i in single]),
+                s_fg[idx], pairs.target[idx], table, means, warm,
                 bg_threshold, bg_mse_threshold, self.bg_topk,
                 barred=None if related is None else related[idx],
             )  # fmt: skip
@@ -306,6 +306,17 @@ class CAClassifier(nn.Module):
         x = emb.detach()[pairs.image]
         score = torch.einsum("pdhw,pd->phw", x, table.detach()[pairs.target].to(x.dtype))
         return self.slots(x, score), rows.to(pairs.target.device)[pairs.target]
+
+
+def _runs(images: list[int]) -> list[tuple[int, int, int]]:
+    """Host image ids of consecutive pairs -> (image, first, end) runs."""
+    out: list[tuple[int, int, int]] = []
+    for i, b in enumerate(images):
+        if out and out[-1][0] == b and out[-1][2] == i:
+            out[-1] = (b, out[-1][1], i + 1)
+        else:
+            out.append((b, i, i + 1))
+    return out
 
 
 def _all_gather_padded(slots: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:

@@ -71,6 +71,10 @@ class LabelPairs:
             return list(self.single)
         return [n == 1 for n in self.counts for _ in range(n)]
 
+    def pair_images(self) -> list[int]:
+        """Host ints [P]: the image of each pair (pairs come image by image; no sync)."""
+        return [b for b, n in enumerate(self.counts) for _ in range(n)]
+
     def excluded(self) -> Tensor:
         """[P,E]: the label set of each pair's image (never a negative of that pair)."""
         return self.label_set[self.image]

@@ -162,7 +162,7 @@ def test_single_label_background_matches_the_official_rule(mse_threshold):
     px = x.reshape(6, -1).T
     s_fg = ca.similarity(x, 0).reshape(1, -1)
     total, count = background_scores(
-        px[None], torch.tensor([0]), s_fg, torch.tensor([0]), mu[cands], ca.bank_mean(cands), ca.warm(cands),
+        px[None], [(0, 0, 1)], s_fg, torch.tensor([0]), mu[cands], ca.bank_mean(cands), ca.warm(cands),
         threshold, mse_threshold,
     )  # fmt: skip
     ref = naive_background(ca, x, 0, mu, cands.tolist(), threshold, mse_threshold)
@@ -181,7 +181,7 @@ def test_single_label_background_matches_the_official_rule(mse_threshold):
     try:
         cab._SCORE_ELEMS = 2 * px.shape[0]
         chunked = background_scores(
-            px[None], torch.tensor([0]), s_fg, torch.tensor([0]), mu[cands], ca.bank_mean(cands), ca.warm(cands),
+            px[None], [(0, 0, 1)], s_fg, torch.tensor([0]), mu[cands], ca.bank_mean(cands), ca.warm(cands),
             threshold, mse_threshold,
         )  # fmt: skip
     finally:
