@@ -144,7 +144,7 @@ def train(
             with torch.no_grad():
                 nearest = nearest_rows(model.table(), lo.knn_backend)
         saved = [b.clone() for b in touched]
-        finite, pushes, totals = [], [], []
+        finite, pushes, totals, lost = [], [], [], 0
         # -- phase 1: data, forward, backward per micro-batch (pure losses)
         for micro in range(tc.grad_accum):
             step_batch = next(batches)
@@ -154,7 +154,8 @@ def train(
             ]
             n_img = sum(b["image"].shape[0] for b in batch_list)
             seen += n_img
-            _count_unreadable(state, step_batch, n_img * accelerator.num_processes)
+            state.samples += n_img * accelerator.num_processes
+            lost += _lost_in(state, step_batch)
             images = [b["image"] for b in batch_list]
             images += [photometric_view(b["image"]) for b, on in zip(batch_list, pc2) if on]
             ctx = accelerator.no_sync(net) if micro < tc.grad_accum - 1 else nullcontext()
@@ -176,7 +177,8 @@ def train(
         max_norm = grad_clip if grad_clip > 0 else float("inf")
         norm = accelerator.clip_grad_norm_(net.parameters(), max_norm)
         finite += [torch.isfinite(torch.stack(totals)).all(), torch.isfinite(norm)]
-        ok = _all_true(accelerator, torch.stack(finite))
+        ok, lost = _decide(accelerator, torch.stack(finite), lost)
+        state.unreadable += lost  # every process's losses: all decide the same below
         # -- phase 3: state changes, on applied steps only
         if ok:
             consecutive_bad = 0
@@ -237,14 +239,16 @@ def _no_push(dim: int, device) -> tuple[Tensor, Tensor]:
     return torch.zeros(0, d, device=device), torch.zeros(0, dtype=torch.long, device=device)
 
 
-def _count_unreadable(state: TrainState, step_batch: dict[str, dict], drawn: int) -> None:
-    """Add what the readers report lost since their last batch (host ints from collate)."""
-    state.samples += drawn
+def _lost_in(state: TrainState, step_batch: dict[str, dict]) -> int:
+    """Samples this process's readers report lost since their last batch (host ints from
+    collate); their shard names join the state (this process's only)."""
+    lost = 0
     for batch in step_batch.values():
-        state.unreadable += int(batch.get("lost", 0))
+        lost += int(batch.get("lost", 0))
         for name in batch.get("lost_shards", ()):
             if name not in state.unreadable_shards:
                 state.unreadable_shards.append(name)
+    return lost
 
 
 def _check_unreadable(state: TrainState, max_fraction: float) -> None:
@@ -258,10 +262,13 @@ def _check_unreadable(state: TrainState, max_fraction: float) -> None:
         )
 
 
-def _all_true(accelerator, flags: Tensor) -> bool:
-    """Whether every flag is true on every process: the step's one wait on the device."""
-    bad = (~flags.bool()).sum().float().reshape(1)
-    return float(accelerator.reduce(bad, reduction="sum")) == 0
+def _decide(accelerator, flags: Tensor, lost: int) -> tuple[bool, int]:
+    """(whether every flag is true on every process, the samples lost on all processes this
+    step): one reduce, the step's one wait on the device."""
+    lost_t = torch.tensor(float(lost), device=flags.device)
+    both = torch.stack([(~flags.bool()).sum().float(), lost_t])
+    bad, lost_all = accelerator.reduce(both, reduction="sum").tolist()
+    return bad == 0, int(lost_all)
 
 
 def _to_device(batch: dict, device) -> dict:
