@@ -123,6 +123,7 @@ class Vocabulary:
         self.aliases: list[list[str]] = list(aliases or [])
         self.alias_file = str(alias_file) if alias_file is not None else None  # for errors
         self._tree: VocabTree | None = None
+        self._own_tree: VocabTree | None = None  # the last tree of a given hierarchy (a run's)
         if alias_file is not None:
             self.aliases += read_aliases(alias_file)
         self._alias: dict[str, str] = {}
@@ -227,7 +228,7 @@ class Vocabulary:
                 raise ValueError(f"source {source!r}: class {i} has no name: {syn!r}")
         wnids, known = _as_wnid_lists(wnids, len(synonyms), source)
         rows = self._resolve(synonyms, wnids, known, by_synset)
-        self._tree = None
+        self._tree = self._own_tree = None
         for i, (syn, ws) in enumerate(zip(synonyms, wnids)):
             if rows[i] < 0:
                 self.entries.append(Entry(syn[0], list(syn), list(ws), by_synset=by_synset))
@@ -264,11 +265,13 @@ class Vocabulary:
         ``parents`` by wnid, ``covering`` / ``related`` by meaning, each a CSR ``RowSets``.
 
         hierarchy: default the shipped WordNet 3.0 table (cached with it until a source is
-        added). strict: a wnid missing from the hierarchy or an alias group joining a synset with
-        its own ancestor is an error naming the file and the value.
+        added); a given one (a run's ``vocab.hierarchy_file``) is also what ``save`` takes the
+        saved ``parents`` from. strict: a wnid missing from the hierarchy or an alias group
+        joining a synset with its own ancestor is an error naming the file and the value.
         """
         if hierarchy is not None:
-            return VocabTree(self, hierarchy, strict)
+            self._own_tree = VocabTree(self, hierarchy, strict)
+            return self._own_tree
         if self._tree is None or self._tree.strict != strict:
             self._tree = VocabTree(self, strict=strict)
         return self._tree
@@ -282,9 +285,9 @@ class Vocabulary:
         return has[torch.where(rows < 0, len(self), rows)]
 
     def save(self, path: str | Path) -> None:
-        # nearest ancestor rows by the shipped WordNet table; a wnid it lacks (a toy world's
-        # made-up synsets) stands alone rather than failing a checkpoint
-        parents = self.tree(strict=False).parents
+        # nearest ancestor rows by the run's hierarchy when one was given (vocab.hierarchy_file),
+        # else the shipped WordNet table, where a wnid it lacks stands alone rather than failing
+        parents = (self._own_tree or self.tree(strict=False)).parents
         data = {
             "version": 2,
             "aliases": self.aliases,

@@ -60,6 +60,7 @@ def tiny(world: Path, runs: Path, name: str, steps: int, *extra: str, imagenet=T
         f"data.coco.root={world / 'coco_stuff'}",
         f"data.wa.root={world / 'ade'}",
         f"vocab.alias_file={world / 'aliases.txt'}",
+        f"vocab.hierarchy_file={world / 'hypernyms.tsv'}",
     ]
     if imagenet:
         args += [f"data.imagenet.root={world / 'shards'}",

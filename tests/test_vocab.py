@@ -363,3 +363,16 @@ def test_one_datasets_classes_never_related_even_when_an_alias_overlaps_them():
     assert stool not in t.related[chair] and chair not in t.related[stool]  # same dataset
     assert set(t.related[armchair].tolist()) == {chair, stool}  # both mean the armchair too
     assert set(t.covering[armchair].tolist()) == {chair, stool}
+
+
+def test_saved_parents_follow_the_runs_own_hierarchy(tmp_path):
+    """A run with vocab.hierarchy_file (the toy world's made-up synsets) saves the parents of
+    that table, not of the shipped WordNet table (where its wnids stand alone)."""
+    v, h = _tree_vocab()
+    v.save(tmp_path / "shipped.json")
+    shipped = [e["parents"] for e in json.loads((tmp_path / "shipped.json").read_text())["entries"]]
+    own = v.tree(h).parents
+    v.save(tmp_path / "own.json")
+    saved = [e["parents"] for e in json.loads((tmp_path / "own.json").read_text())["entries"]]
+    assert saved == [own[r].tolist() for r in range(len(v))]
+    assert any(saved) and not any(shipped)  # the test tree's wnids are not WordNet's

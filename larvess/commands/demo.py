@@ -83,6 +83,7 @@ def run_demo(argv: list[str] | None = None) -> dict:
         f"data.imagenet.root={shards}",
         f"data.imagenet.names={world / 'imagenet_lemmas.txt'}",
         f"vocab.alias_file={world / 'aliases.txt'}",
+        f"vocab.hierarchy_file={world / 'hypernyms.tsv'}",
         f"data.wa.root={world / 'ade'}",
         "train.resume=never",
     ]

@@ -142,6 +142,7 @@ def run(argv: list[str] | None = None) -> dict:
     ca.to(accelerator.device)
     accelerator.register_for_checkpointing(scheduler, ca)
 
+    tree = build.build_tree(recipe, vocab)  # before vocab.json: its parents use it
     # -- run folder (main process only); trackers: accelerate makes them on the main process
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,6 @@ def run(argv: list[str] | None = None) -> dict:
         unwrapped = accelerator.unwrap_model(net)
         export_model(folder, unwrapped.segmenter, unwrapped.table, model_args, vocab, step)
 
-    tree = build.build_tree(recipe, vocab)
     sources = make_sources(recipe.data, source_rows, len(vocab), recipe.loss, accelerator.device,
                            tree=tree)  # fmt: skip
     state = train(
