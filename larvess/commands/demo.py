@@ -64,6 +64,9 @@ def run_demo(argv: list[str] | None = None) -> dict:
     steps = args.steps if args.steps is not None else (6 if args.quick else None)
     times = {}
 
+    if (world / "toy_world.json").is_file() and not (world / "hypernyms.tsv").is_file():
+        print(f"{world}: a toy world of an older larvess (no hypernym table): writing it anew")
+        shutil.rmtree(world)
     if not (world / "toy_world.json").is_file():
         cmd = [py, "-m", "larvess.data.toy", "--out", str(world), "--seed", str(args.seed)]
         times["world"] = run(cmd + (QUICK_WORLD if args.quick else []), "toy world")
