@@ -300,11 +300,11 @@ def test_tree_ancestors_parents_and_saved_parents(tmp_path):
     # naive: descendants are the transpose of ancestors
     anc = _dense(t.ancestors, len(v))
     assert torch.equal(_dense(t.descendants, len(v)), anc.t())
-    # vocab.json carries the parents (by the shipped table: these wnids are not WordNet's, so
-    # they stand alone there), and loads without them
+    # vocab.json carries the parents (of the hierarchy the tree was asked with, the run's), and
+    # loads without them
     v.save(tmp_path / "v.json")
     data = json.loads((tmp_path / "v.json").read_text())
-    assert all(e["parents"] == [] for e in data["entries"])
+    assert [e["parents"] for e in data["entries"]] == [t.parents[r].tolist() for r in range(len(v))]
     for e in data["entries"]:
         del e["parents"]
     (tmp_path / "old.json").write_text(json.dumps(data))
