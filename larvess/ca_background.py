@@ -50,7 +50,8 @@ _SCORE_ELEMS = 1 << 22  # CPU block of [B, P, classes] scores; device-sized on C
 
 
 def top_score_mean(x: Tensor, table: Tensor, rows: Tensor | None = None, topk: int = 5) -> Tensor:
-    """Mean of the ``topk`` highest raw cosines over the pixels, per candidate class.
+    """Mean of the ``topk`` highest raw cosines over the pixels, per candidate class (steps
+    1-2 on their own; ``background_scores`` computes the same inside its class chunks).
 
     Args:
         x: [P,d] or [B,P,d] pixel embeddings (unit).
@@ -79,7 +80,8 @@ def top_score_mean(x: Tensor, table: Tensor, rows: Tensor | None = None, topk: i
 
 def standardised_mse(fg: Tensor, bg: Tensor) -> Tensor:
     """The reference's ``mse(fg[:, None], bg)``: fg [...,P], bg [...,P,n] -> [...,n] (NaN for a
-    constant map); pixels on the second-last axis of bg."""
+    constant map); pixels on the second-last axis of bg. Step 4 written as the reference does;
+    ``background_scores`` computes it as 2 (P-1)/P (1 - r), and the tests hold the two equal."""
 
     def z(t: Tensor) -> Tensor:
         return (t - t.mean(dim=-2, keepdim=True)) / t.std(dim=-2, keepdim=True)

@@ -235,8 +235,7 @@ def _tracks_stats(m: nn.Module) -> bool:
 
 
 def _no_push(dim: int, device) -> tuple[Tensor, Tensor]:
-    d = dim
-    return torch.zeros(0, d, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
 
 
 def _lost_in(state: TrainState, step_batch: dict[str, dict]) -> int:

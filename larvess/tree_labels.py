@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from larvess.losses import LabelPairs
+from larvess.losses import LabelPairs, label_pairs
 from larvess.tree import RowSets, VocabTree
 
 __all__ = ["SourceTree", "rows_with_covering", "source_tree", "tree_pairs", "pixel_barred"]
@@ -96,15 +96,9 @@ def tree_pairs(labels: list[Tensor], st: SourceTree) -> LabelPairs:
             unrelated = set(full) - set(rel) - {t}
             single.append(not unrelated)
             p += 1
-    pairs = _pairs_of(expanded)
+    pairs = label_pairs(expanded, "cpu")
     rel = (torch.tensor(related_p, dtype=torch.long), torch.tensor(related_r, dtype=torch.long))
     return LabelPairs(pairs.image, pairs.target, pairs.label_set, pairs.counts, rel, tuple(single))
-
-
-def _pairs_of(labels: list[Tensor]) -> LabelPairs:
-    from larvess.losses import label_pairs
-
-    return label_pairs(labels, "cpu")
 
 
 def pixel_barred(st: SourceTree, targets: Tensor) -> tuple[Tensor, Tensor]:
